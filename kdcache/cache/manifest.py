@@ -1,0 +1,73 @@
+"""Reading and atomically writing a cache's manifest.json, and deciding whether a re-run matches."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import KdcacheError
+from .schema import FORMAT_VERSION, MANIFEST_NAME
+
+# Manifest keys that define *what* a cache holds. A re-run whose identity differs in any of
+# them would mix two caches in one directory, so it is refused (unless --overwrite).
+IDENTITY_KEYS = (
+    "format_version", "task", "k", "vocab_size", "target_vocab_size", "dtype", "max_length",
+    "packing", "mlm_probability", "mask_copies", "seed", "shard_rows", "teacher", "tokenizer", "data",
+)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def manifest_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / MANIFEST_NAME
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    """Load and sanity-check a cache's manifest, with one-line errors for the usual mistakes."""
+    cache_dir = Path(cache_dir)
+    path = manifest_path(cache_dir)
+    if not cache_dir.exists():
+        raise KdcacheError(f"cache directory {cache_dir} does not exist; create it with `kdcache dump-logits`")
+    if not path.is_file():
+        raise KdcacheError(f"{cache_dir} is not a kdcache cache (no {MANIFEST_NAME}); point at the --out of `kdcache dump-logits`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KdcacheError(f"{path} is unreadable or not JSON ({e}); re-create the cache with `kdcache dump-logits --overwrite`") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise KdcacheError(
+            f"{path} has cache format version {version!r}, this kdcache reads version {FORMAT_VERSION}; "
+            "re-dump with this kdcache or install the version that wrote it")
+    return manifest
+
+
+def identity(manifest: dict) -> dict:
+    return {key: manifest.get(key) for key in IDENTITY_KEYS}
+
+
+def identity_differences(old: dict, new: dict) -> list[str]:
+    """Names of identity keys (dotted for nested dicts) whose values differ."""
+    diffs = []
+    for key in IDENTITY_KEYS:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            diffs.append(key)
+    return diffs

@@ -1,0 +1,104 @@
+"""The one place that knows the cache's Parquet schema (docs/FORMAT.md is its prose twin).
+
+Stage one builds rows with `arrow_schema`; stage two and `verify` check shards against it.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+TASKS = ("mlm", "clm", "seq-cls")
+
+# Required columns, in file order.
+EXAMPLE_ID = "example_id"
+INPUT_IDS = "input_ids"
+POSITIONS = "positions"
+TOPK_IDS = "topk_ids"
+TOPK_LOGPROBS = "topk_logprobs"
+LABELS = "labels"
+# Optional column: written only for sentence-pair classification (BERT segment ids).
+TOKEN_TYPE_IDS = "token_type_ids"
+
+REQUIRED_COLUMNS = (EXAMPLE_ID, INPUT_IDS, POSITIONS, TOPK_IDS, TOPK_LOGPROBS, LABELS)
+
+UNKNOWN_LABEL = -1
+
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+# Shards live alone in data/, so `pandas.read_parquet("CACHE/data")` and
+# `pyarrow.dataset.dataset("CACHE/data")` work as they are.
+SHARD_DIR = "data"
+SHARD_PATTERN = "part-{index:05d}.parquet"
+# A shard's stats sidecar: written after the shard is renamed into place, so its presence
+# means "this shard is complete". Lets any rank (or a resumed run) rebuild the manifest.
+# The leading underscore makes Parquet readers (pyarrow, pandas, datasets) skip it.
+SHARD_STATS_PATTERN = "_part-{index:05d}.stats.json"
+
+PARQUET_COMPRESSION = "zstd"
+PARQUET_COMPRESSION_LEVEL = 3
+# Rows per row group: the unit stage two shuffles and partitions; small enough to stream.
+DEFAULT_ROW_GROUP_ROWS = 256
+
+
+def smallest_uint(max_value: int) -> pa.DataType:
+    """Smallest unsigned Arrow integer type holding 0..max_value."""
+    if max_value < 0:
+        raise ValueError(f"max_value must be >= 0, got {max_value}")
+    for bits, typ in ((8, pa.uint8()), (16, pa.uint16()), (32, pa.uint32())):
+        if max_value < 2**bits:
+            return typ
+    return pa.uint64()
+
+
+def id_type(vocab_size: int) -> pa.DataType:
+    """Type of token ids (input_ids) and of top-k ids: smallest that holds vocab_size - 1."""
+    return smallest_uint(max(vocab_size - 1, 0))
+
+
+def arrow_schema(
+    *, k: int, vocab_size: int, max_length: int, target_vocab_size: int | None = None,
+    with_token_type_ids: bool = False,
+) -> pa.Schema:
+    """Schema of every shard of one cache.
+
+    vocab_size: the tokenizer's vocabulary (input_ids).
+    target_vocab_size: the size of the teacher's output space (topk_ids): the vocabulary for
+    LM tasks, the number of labels for seq-cls. Defaults to vocab_size.
+    """
+    if target_vocab_size is None:
+        target_vocab_size = vocab_size
+    token = id_type(vocab_size)
+    target = id_type(target_vocab_size)
+    position = smallest_uint(max(max_length - 1, 0))
+    fields = [
+        pa.field(EXAMPLE_ID, pa.int64(), nullable=False),
+        pa.field(INPUT_IDS, pa.list_(token), nullable=False),
+        pa.field(POSITIONS, pa.list_(position), nullable=False),
+        pa.field(TOPK_IDS, pa.list_(pa.list_(target, k)), nullable=False),
+        pa.field(TOPK_LOGPROBS, pa.list_(pa.list_(pa.float16(), k)), nullable=False),
+        pa.field(LABELS, pa.list_(pa.int32()), nullable=False),
+    ]
+    if with_token_type_ids:
+        fields.append(pa.field(TOKEN_TYPE_IDS, pa.list_(pa.uint8()), nullable=False))
+    return pa.schema(fields, metadata={b"kdcache_format_version": str(FORMAT_VERSION).encode()})
+
+
+def schema_for_manifest(manifest: dict) -> pa.Schema:
+    """The schema a cache's shards must have, derived from its manifest."""
+    return arrow_schema(
+        k=manifest["k"],
+        vocab_size=manifest["vocab_size"],
+        max_length=manifest["max_length"],
+        target_vocab_size=manifest.get("target_vocab_size", manifest["vocab_size"]),
+        with_token_type_ids=manifest.get("token_type_ids", False),
+    )
+
+
+def shard_name(index: int) -> str:
+    """Shard file path relative to the cache directory."""
+    return f"{SHARD_DIR}/{SHARD_PATTERN.format(index=index)}"
+
+
+def shard_stats_name(index: int) -> str:
+    return f"{SHARD_DIR}/{SHARD_STATS_PATTERN.format(index=index)}"

@@ -1,0 +1,90 @@
+"""Writing shards atomically (with their stats sidecars) and finding the complete ones."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .manifest import atomic_write_json
+from .schema import (
+    DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, POSITIONS,
+    SHARD_DIR, SHARD_PATTERN, shard_name, shard_stats_name,
+)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(cache_dir: Path, index: int, table: pa.Table,
+                row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> dict:
+    """Write shard `index` atomically and return its stats (also saved as the sidecar JSON).
+
+    Order matters for crash safety: parquet to a temp name -> fsync -> rename -> sidecar
+    (atomic too). A shard counts as complete only once its sidecar exists.
+    """
+    cache_dir = Path(cache_dir)
+    final = cache_dir / shard_name(index)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    pq.write_table(
+        table, tmp, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+        row_group_size=row_group_rows, use_dictionary=False, write_statistics=False,
+    )
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    positions = int(pa.compute.sum(pa.compute.list_value_length(table.column(POSITIONS))).as_py() or 0)
+    stats = {
+        "index": index,
+        "file": shard_name(index),
+        "rows": table.num_rows,
+        "positions": positions,
+        "bytes": final.stat().st_size,
+        "sha256": file_sha256(final),
+    }
+    atomic_write_json(cache_dir / shard_stats_name(index), stats)
+    return stats
+
+
+def read_shard_stats(cache_dir: Path, index: int) -> dict | None:
+    """Stats of shard `index` if it is complete (sidecar present and file size matches), else None."""
+    cache_dir = Path(cache_dir)
+    sidecar = cache_dir / shard_stats_name(index)
+    try:
+        stats = json.loads(sidecar.read_text())
+        if (cache_dir / stats["file"]).stat().st_size != stats["bytes"]:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return stats
+
+
+def complete_shards(cache_dir: Path) -> dict[int, dict]:
+    """All complete shards in the directory, by index."""
+    cache_dir = Path(cache_dir)
+    out = {}
+    prefix, suffix = SHARD_PATTERN.split("{")[0], ".parquet"
+    for path in sorted((cache_dir / SHARD_DIR).glob(f"{prefix}*{suffix}")):
+        try:
+            index = int(path.name[len(prefix):-len(suffix)])
+        except ValueError:
+            continue
+        stats = read_shard_stats(cache_dir, index)
+        if stats is not None:
+            out[index] = stats
+    return out
+
+
+def remove_partial_files(cache_dir: Path) -> None:
+    """Delete temp files a killed writer left behind (they never become shards)."""
+    for tmp in list(Path(cache_dir).glob(".*.tmp-*")) + list((Path(cache_dir) / SHARD_DIR).glob(".*.tmp-*")):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,78 @@
+"""`kdcache` command line: a thin group; each command lives next to the code it drives.
+
+Commands are imported lazily so `kdcache --help` is quick and torch loads only when needed.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from . import __version__
+from .errors import KdcacheError
+
+COMMANDS = {
+    "dump-logits": ("kdcache.dump.command", "dump_logits"),
+    "inspect": ("kdcache.cache.commands", "inspect_cmd"),
+    "verify": ("kdcache.cache.commands", "verify_cmd"),
+    "train-student": ("kdcache.train.command", "train_student"),
+    "evaluate": ("kdcache.train.evaluate_command", "evaluate_cmd"),
+    "sweep": ("kdcache.sweep.command", "sweep_cmd"),
+    "report": ("kdcache.sweep.report_command", "report_cmd"),
+}
+
+SHORT_HELP = {
+    "dump-logits": "Stage one: run a teacher once, write top-k soft targets to a Parquet cache.",
+    "inspect": "Summarise a cache: task, teacher, rows, size, top-k mass, teacher accuracy.",
+    "verify": "Check every shard of a cache: checksum, rows, schema, id range, log-probs.",
+    "train-student": "Stage two: train a student of any size by streaming a cache.",
+    "evaluate": "Compare a trained student with the teacher on a held-out cache.",
+    "sweep": "Train several students from one cache, each into its own folder (resumable).",
+    "report": "Evaluate a sweep's students and write report.md and report.png.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        # Short help without importing every command module (and torch).
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SHORT_HELP[name]) for name in COMMANDS])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kdcache")
+def cli():
+    """kdcache: pay the teacher once, distil many students.
+
+    \b
+    Stage one   kdcache dump-logits --teacher T --data D --out CACHE
+    Stage two   kdcache train-student --cache CACHE --student L4-H256 --out STUDENT
+    """
+
+
+def main(argv=None):
+    try:
+        return cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+    except KdcacheError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
