@@ -1,0 +1,142 @@
+"""`kdcache report`: evaluate a sweep's students on a held-out cache; write report.md and report.png."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from ..cache.manifest import atomic_write_bytes, read_manifest
+from ..errors import KdcacheError
+from .amortise import amortisation
+from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
+from .plot import plot_report
+from .table import markdown_table
+
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+TEACHER_EVAL_RECORD = "teacher_eval.json"
+MODE_ORDER = {"cached KD": 0, "online KD": 1, "hard labels": 2}
+
+
+def teacher_dir(manifest: dict, override: Path | None) -> Path | None:
+    """A teacher folder `kdcache evaluate` can load: --teacher, else the cache's teacher if it is a model dir."""
+    if override is not None:
+        if not (Path(override) / "config.json").is_file():
+            raise KdcacheError(f"--teacher {override} is not a model directory (no config.json); pass the teacher's save_pretrained folder")
+        return Path(override)
+    teacher = manifest.get("teacher") or {}
+    source = teacher.get("source")
+    if source and not teacher.get("gguf_file") and (Path(source) / "config.json").is_file():
+        return Path(source)
+    return None
+
+
+def teacher_row(manifest: dict, runs, metrics: dict | None) -> dict:
+    """The teacher's line: its own evaluation when it could run, else what the eval cache itself says."""
+    teacher = manifest.get("teacher") or {}
+    row = {"name": "teacher", "mode": f"teacher ({teacher.get('model_type') or 'model'})",
+           "num_parameters": teacher.get("num_parameters"),
+           "tokens_per_second": (manifest.get("dump") or {}).get("tokens_per_second")}
+    if metrics is not None:
+        row.update({k: v for k, v in metrics.items() if not k.startswith("teacher_")})
+        return row
+    # Cache-only: the teacher agrees with itself; its accuracy is stored with every student's evaluation.
+    row.update({"kl": 0.0, "top1_agreement": 1.0})
+    for run in runs:
+        for key in ("accuracy", "perplexity"):
+            if row.get(key) is None and run.metrics.get(f"teacher_{key}") is not None:
+                row[key] = run.metrics[f"teacher_{key}"]
+    return row
+
+
+@click.command("report")
+@click.argument("runs_dir", metavar="RUNS", type=click.Path(path_type=Path))
+@click.option("--eval-cache", required=True, type=click.Path(path_type=Path),
+              help="Held-out cache to evaluate on (same teacher and tokenizer as the training cache, other text).")
+@click.option("--teacher", "teacher_override", type=click.Path(path_type=Path), default=None,
+              help="Teacher model dir for the teacher row [default: the eval cache's teacher when it is a model dir].")
+@click.option("--teacher-eval/--no-teacher-eval", default=True, show_default=True,
+              help="Evaluate the teacher itself for its row (else: its accuracy from the cache only).")
+@click.option("--fresh", is_flag=True, help="Re-evaluate every student even if RUNS/<name>/eval.json is current.")
+def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, teacher_eval: bool, fresh: bool):
+    """Evaluate every student of a sweep and write RUNS/report.md and RUNS/report.png.
+
+    The table has one row per finished student (parameters, train tokens/s, KL to the teacher,
+    top-1 agreement, accuracy, perplexity for LMs) and the teacher's row; the plot shows the
+    headline metric against student size with the teacher as a line. The report also states the
+    amortisation: the measured one-time teacher pass vs the teacher time online KD would spend.
+    Evaluations are kept in RUNS/<name>/eval.json, so re-running after adding a student is quick.
+
+    \b
+    Example:
+      kdcache report runs/sweep --eval-cache runs/eval-cache
+    """
+    runs, unfinished = find_runs(runs_dir)
+    eval_manifest = read_manifest(eval_cache)
+    if not eval_manifest.get("complete", True):
+        raise KdcacheError(f"eval cache {eval_cache} is incomplete; finish it by re-running its `kdcache dump-logits` command")
+    task = eval_manifest.get("task")
+
+    for run in runs:
+        click.echo(f"[report] evaluating {run.name} on {eval_cache}")
+        run.metrics = evaluate_dir(run.path, eval_cache, run.path / EVAL_RECORD, fresh=fresh)
+
+    teacher_metrics = None
+    tdir = teacher_dir(eval_manifest, teacher_override) if teacher_eval else None
+    if tdir is not None:
+        click.echo(f"[report] evaluating the teacher {tdir}")
+        teacher_metrics = evaluate_dir(tdir, eval_cache, Path(runs_dir) / TEACHER_EVAL_RECORD, fresh=fresh)
+    teacher = teacher_row(eval_manifest, runs, teacher_metrics)
+
+    rows = [{"name": r.name, "mode": r.mode, "num_parameters": r.num_parameters,
+             "tokens_per_second": r.tokens_per_second, **r.metrics} for r in runs]
+    rows.sort(key=lambda r: (r.get("num_parameters") or 0, MODE_ORDER.get(r["mode"], 9), r["name"]))
+    table = markdown_table(rows + [teacher])
+
+    caches = Counter(str(c) for c in (train_cache(r) for r in runs if r.mode == "cached KD") if c)
+    amort = None
+    if caches:
+        train_cache_dir = Path(caches.most_common(1)[0][0])
+        try:
+            amort = amortisation(read_manifest(train_cache_dir), runs)
+        except KdcacheError as e:
+            click.echo(f"[report] no amortisation: {e}", err=True)
+
+    use_ppl = task in ("mlm", "clm") and any(r.get("perplexity") is not None for r in rows)
+    metric, label = ("perplexity", "held-out perplexity (lower is better)") if use_ppl else (
+        "accuracy", "held-out accuracy (higher is better)")
+    png = plot_report(rows, teacher, metric, label, Path(runs_dir) / REPORT_PNG)
+
+    teacher_info = eval_manifest.get("teacher") or {}
+    totals = eval_manifest.get("totals") or {}
+    md = [
+        f"# kdcache report: {Path(runs_dir).name}",
+        "",
+        f"Task `{task}`; teacher `{teacher_info.get('source')}`"
+        + (f" ({teacher_info['gguf_file']})" if teacher_info.get("gguf_file") else "")
+        + f"; held-out cache `{eval_cache}` ({totals.get('rows', '?')} rows, {totals.get('positions', '?')} target positions, "
+          f"k = {eval_manifest.get('k')}).",
+        "",
+        table,
+        "",
+        "Modes: *cached KD* trained from the top-k cache; *online KD* had the teacher in the loop (full softmax); "
+        "*hard labels* used no teacher (alpha 0). KL is KL(teacher ‖ student) over the teacher's stored top-k ids; "
+        "train tokens/s is the student's training throughput (the teacher row: its dump throughput)."
+        + ("" if teacher_metrics is not None else " The teacher row's KL and agreement are 0 and 1 by definition "
+           "(the teacher was not re-evaluated)."),
+    ]
+    if unfinished:
+        md += ["", "Not in the table (unfinished): " + ", ".join(f"`{p.name}`" for p in unfinished) + "."]
+    if amort is not None:
+        md += ["", "## Amortisation", ""] + [f"- {line}" for line in amort.lines()]
+    md += ["", f"![{label} vs student parameters]({REPORT_PNG})", ""]
+    atomic_write_bytes(Path(runs_dir) / REPORT_MD, "\n".join(md).encode())
+
+    click.echo("")
+    click.echo(table)
+    if amort is not None:
+        click.echo("")
+        for line in amort.lines():
+            click.echo(line.replace("**", ""))
+    click.echo(f"\nwrote {Path(runs_dir) / REPORT_MD} and {png}")
