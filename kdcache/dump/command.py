@@ -1,0 +1,54 @@
+"""`kdcache dump-logits`: the click front end of kdcache.dump.run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare.txt"
+
+
+@click.command("dump-logits", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--teacher", required=True, help="Model directory (save_pretrained), hub id, or .gguf file.")
+@click.option("--data", default=str(BUNDLED_CORPUS) if BUNDLED_CORPUS.is_file() else None, required=not BUNDLED_CORPUS.is_file(),
+              show_default="bundled Tiny Shakespeare",
+              help="Hub dataset name, or local .txt/.jsonl/.json/.csv/.tsv/.parquet file, directory or glob.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache directory to create or resume.")
+@click.option("--task", type=click.Choice(["mlm", "clm", "seq-cls"]), default=None,
+              help="Force the task; default: detected from the teacher's head.")
+@click.option("--split", default="train", show_default=True, help="Dataset split to read.")
+@click.option("--text-column", default="text", show_default=True, help="Column holding the text (.txt: one line per example).")
+@click.option("--text-pair-column", default=None, help="Second text column, for sentence-pair classification.")
+@click.option("--label-column", default=None, help="Gold label column (seq-cls), kept as hard labels; names or ids.")
+@click.option("--max-length", type=int, default=None, help="Tokens per row; default min(teacher limit, 512).")
+@click.option("--packing/--no-packing", default=None,
+              help="LM tasks: concatenate the corpus and cut max-length blocks (default), or truncate each example.")
+@click.option("--mlm-probability", type=float, default=0.15, show_default=True, help="MLM: fraction of tokens masked.")
+@click.option("--mask-copies", type=int, default=1, show_default=True, help="MLM: differently-masked views per sequence.")
+@click.option("--top-k", "top_k", type=int, default=64, show_default=True,
+              help="Soft targets kept per position (seq-cls keeps every label).")
+@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Teacher precision; auto = fp16 on CUDA, fp32 on CPU. Log-softmax is always fp32.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=None, help="Max rows per forward pass.")
+@click.option("--max-tokens-per-batch", type=int, default=None,
+              help="Max padded tokens per forward pass (default 8192 unless --batch-size is given).")
+@click.option("--shard-rows", type=int, default=4096, show_default=True, help="Rows per Parquet shard (unit of resume).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the MLM masks.")
+@click.option("--limit", type=int, default=None, help="Use only the first N examples of the split.")
+@click.option("--overwrite", is_flag=True, help="Replace a different cache in --out (after the inputs are validated).")
+@click.option("--dry-run", is_flag=True, help="Tokenize and mask only; print rows, positions and estimated size.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the teacher's own modelling code (only for models you trust).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def dump_logits(no_progress, **options):
+    """Run TEACHER once over DATA and write its top-k soft targets to a sharded Parquet cache.
+
+    \b
+    Re-running the same command resumes after the last complete shard.
+    Under torchrun, rank r dumps shards i with i % world_size == r.
+    Example:
+      kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/ --top-k 32
+    """
+    from .run import DumpOptions, run_dump
+
+    run_dump(DumpOptions(**options, progress=not no_progress, echo=click.echo))

@@ -1,0 +1,119 @@
+"""Loading the corpus: a hub dataset name or local txt/jsonl/json/csv/tsv/parquet files or globs.
+
+The result is a `datasets.Dataset` with the columns kdcache uses renamed to fixed names
+(text, text_pair, label) plus `source_index` (row number in the loaded split, after --limit),
+so example ids trace back to the user's data even after empty rows are dropped.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KdcacheError
+
+BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+            ".tsv": "csv", ".parquet": "parquet"}
+TEXT, TEXT_PAIR, LABEL, SOURCE_INDEX = "text", "text_pair", "label", "source_index"
+
+
+@dataclass
+class Corpus:
+    dataset: object          # datasets.Dataset with TEXT[, TEXT_PAIR][, LABEL], SOURCE_INDEX
+    description: dict        # manifest["data"]
+    has_pair: bool
+    has_label: bool
+
+
+def _local_files(data: str) -> list[Path] | None:
+    """Files matched by a local path/glob/directory, or None if `data` does not look local."""
+    path = Path(data).expanduser()
+    if any(ch in data for ch in "*?["):
+        return sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+    if data.startswith((".", "/", "~")) or Path(data).suffix.lower() in BUILDERS:
+        return []
+    return None
+
+
+def _load_local(files: list[Path], data: str, split: str):
+    import datasets
+
+    suffixes = {p.suffix.lower() for p in files}
+    unknown = suffixes - set(BUILDERS)
+    if unknown:
+        raise KdcacheError(f"--data {data}: unsupported file type(s) {sorted(unknown)}; use .txt/.jsonl/.json/.csv/.tsv/.parquet")
+    builders = {BUILDERS[s] for s in suffixes}
+    if len(builders) > 1 or (".tsv" in suffixes and ".csv" in suffixes):
+        raise KdcacheError(f"--data {data} mixes file types {sorted(suffixes)}; point at one kind of file")
+    builder = builders.pop()
+    kwargs = {"delimiter": "\t"} if ".tsv" in suffixes else {}
+    try:
+        return datasets.load_dataset(builder, data_files={split: [str(p.resolve()) for p in files]}, split=split, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a parse failure of the user's file is a user error
+        raise KdcacheError(f"cannot read --data {data} as {builder}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+
+
+def _load_hub(data: str, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(data, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise KdcacheError(f"--data {data!r} is not a local file/glob/directory and could not be loaded from the hub "
+                           f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); check the name and --split") from None
+
+
+def _files_sha256(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        f = hashlib.sha256()
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 22):
+                f.update(block)
+        h.update(f"{p.name}:{f.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def load_corpus(data: str, *, split: str = "train", text_column: str = "text", text_pair_column: str | None = None,
+                label_column: str | None = None, limit: int | None = None) -> Corpus:
+    files = _local_files(data)
+    if files is not None and not files:
+        raise KdcacheError(f"--data {data}: no such file, or the glob/directory matches no .txt/.jsonl/.json/.csv/.tsv/.parquet files")
+    ds = _load_local(files, data, split) if files is not None else _load_hub(data, split)
+    num_loaded = len(ds)
+    wanted = [(text_column, TEXT, "--text-column")]
+    if text_pair_column:
+        wanted.append((text_pair_column, TEXT_PAIR, "--text-pair-column"))
+    if label_column:
+        wanted.append((label_column, LABEL, "--label-column"))
+    for column, _, option in wanted:
+        if column not in ds.column_names:
+            raise KdcacheError(f"{option} {column!r} is not a column of --data {data} (columns: {', '.join(ds.column_names)}); "
+                               f"pass {option} with one of them")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    ds = ds.select_columns([c for c, _, _ in wanted])
+    ds = ds.rename_columns({c: new for c, new, _ in wanted if c != new})
+    ds = ds.add_column(SOURCE_INDEX, list(range(len(ds))))
+    num_source = len(ds)
+    # Empty lines (blank lines of a .txt) carry no text: dropping them keeps every row meaningful.
+    ds = ds.filter(lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch[TEXT]], batched=True)
+    if len(ds) == 0:
+        raise KdcacheError(f"--data {data} (split {split!r}, column {text_column!r}) has no non-empty text "
+                           f"({num_loaded} rows loaded{f', --limit {limit}' if limit is not None else ''}); point at a corpus with text")
+    source = data
+    if files is not None:
+        source = str(Path(data).expanduser().resolve()) if not any(ch in data for ch in "*?[") else str(Path(data).expanduser().absolute())
+    description = {
+        "source": source, "split": split, "text_column": text_column, "text_pair_column": text_pair_column,
+        "label_column": label_column, "limit": limit, "num_source_examples": num_source,
+        "num_nonempty_examples": len(ds),
+        # Content, not just the name: an edited file at the same path is a different corpus.
+        "content_sha256": _files_sha256(files) if files is not None else getattr(ds, "_fingerprint", None),
+    }
+    return Corpus(dataset=ds, description=description, has_pair=bool(text_pair_column), has_label=bool(label_column))

@@ -1,0 +1,193 @@
+"""Loading the teacher (directory, hub id or .gguf file), detecting its task, fingerprinting it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import KdcacheError
+
+# Head class name suffix -> task. The suffix is what transformers' Auto classes key on.
+HEAD_SUFFIXES = (("ForMaskedLM", "mlm"), ("ForCausalLM", "clm"), ("ForSequenceClassification", "seq-cls"))
+# Models whose learned position table reserves pad_token_id + 1 leading slots.
+PADDING_OFFSET_MODEL_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+@dataclass
+class Teacher:
+    model: object
+    tokenizer: object
+    task: str
+    source: str
+    gguf_file: str | None
+    config: object
+    vocab_size: int            # input id space (teacher embedding size)
+    target_vocab_size: int     # output size: vocab (LM) or num_labels (seq-cls)
+    max_positions: int | None  # longest sequence the teacher accepts
+    fingerprint: dict = field(default_factory=dict)
+    tokenizer_sha256: str = ""
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_source(teacher: str) -> tuple[str, str | None, Path | None]:
+    """(source for from_pretrained, gguf file name or None, local folder or None)."""
+    path = Path(teacher).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent.resolve()), path.name, path.parent.resolve()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(path.resolve()), ggufs[0].name, path.resolve()
+            raise KdcacheError(
+                f"teacher directory {path} has no config.json; pass a transformers model directory "
+                "(save_pretrained output), a .gguf file or a hub id")
+        return str(path.resolve()), None, path.resolve()
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    looks_local = teacher.startswith((".", "/", "~")) or teacher.count("/") > 1 or teacher.endswith(".gguf")
+    if looks_local:
+        raise KdcacheError(
+            f"teacher {teacher!r} not found: no such directory or .gguf file; pass a model directory, a .gguf file or a hub id")
+    return teacher, None, None  # a hub id
+
+
+def detect_task(config, forced: str | None, gguf_file: str | None) -> str:
+    if forced:
+        return forced
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in HEAD_SUFFIXES:
+            if arch.endswith(suffix):
+                return task
+    if gguf_file:  # GGUF files hold decoder LMs
+        return "clm"
+    raise KdcacheError(
+        f"cannot tell the teacher's task from its config (architectures={getattr(config, 'architectures', None)}); "
+        "pass --task mlm, --task clm or --task seq-cls")
+
+
+def max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
+                value -= (getattr(config, "pad_token_id", 1) or 1) + 1
+            return value
+    return None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides token ids: the vocabulary (with added tokens) and the special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {name: getattr(tokenizer, name, None) for name in
+                ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
+    return _sha256_json({"vocab": vocab, "special": specials, "class": type(tokenizer).__name__})
+
+
+def config_fingerprint(folder: Path | None, config) -> str:
+    if folder is not None and (folder / "config.json").is_file():
+        return _sha256_json(json.loads((folder / "config.json").read_text()))
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    data.pop("_name_or_path", None)
+    return _sha256_json(data)
+
+
+def weights_fingerprint(folder: Path | None, gguf_file: str | None) -> str | None:
+    """sha256 over the weight files' own sha256s (name-sorted): once per run, even for big models."""
+    if folder is None:
+        return None
+    files = [folder / gguf_file] if gguf_file else sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _auto_class(task: str):
+    import transformers
+    return {"mlm": transformers.AutoModelForMaskedLM, "clm": transformers.AutoModelForCausalLM,
+            "seq-cls": transformers.AutoModelForSequenceClassification}[task]
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or find cached) a hub model, so its files can be fingerprinted like a local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.gguf"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure is a user-facing "cannot get this teacher"
+        raise KdcacheError(
+            f"teacher {repo_id!r} is not a local path and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}); check the id or pass a local model directory") from None
+
+
+def load_teacher(teacher: str, *, task: str | None = None, dtype=None, device="cpu",
+                 trust_remote_code: bool = False, load_weights: bool = True) -> Teacher:
+    """Load tokenizer + config (+ model unless load_weights is False, e.g. for --dry-run)."""
+    import transformers
+
+    source, gguf_file, folder = resolve_source(teacher)
+    if folder is None:
+        folder = _hub_snapshot(source)
+        source_for_load = str(folder)
+    else:
+        source_for_load = source
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = transformers.AutoConfig.from_pretrained(source_for_load, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source_for_load, **kwargs)
+    except KdcacheError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise KdcacheError(f"cannot load teacher {teacher!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                           "; pass a transformers model directory with its tokenizer") from None
+    task = detect_task(config, task, gguf_file)
+    model = None
+    if load_weights:
+        try:
+            model = _auto_class(task).from_pretrained(source_for_load, dtype=dtype, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise KdcacheError(f"cannot load teacher {teacher!r} as a {task} model: {type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0]}; check --task") from None
+        model.eval().to(device)
+    vocab_size = getattr(config, "vocab_size", None) or len(tokenizer)
+    vocab_size = max(int(vocab_size), len(tokenizer))
+    if task == "seq-cls":
+        target_vocab = int(config.num_labels)
+    else:
+        target_vocab = int(model.get_output_embeddings().weight.shape[0]) if model is not None else vocab_size
+        vocab_size = max(vocab_size, target_vocab)
+    fingerprint = {
+        "source": source if folder is None or not Path(source).exists() else str(Path(source).resolve()),
+        "gguf_file": gguf_file,
+        "model_type": getattr(config, "model_type", None),
+        "architecture": (getattr(config, "architectures", None) or [None])[0],
+        "config_sha256": config_fingerprint(folder, config),
+        "weights_sha256": weights_fingerprint(folder, gguf_file),
+        "num_parameters": sum(p.numel() for p in model.parameters()) if model is not None else None,
+    }
+    if source != teacher and not Path(teacher).exists():
+        fingerprint["source"] = teacher  # hub id, not the snapshot folder
+    return Teacher(model=model, tokenizer=tokenizer, task=task, source=fingerprint["source"], gguf_file=gguf_file,
+                   config=config, vocab_size=vocab_size, target_vocab_size=target_vocab,
+                   max_positions=max_positions(config), fingerprint=fingerprint,
+                   tokenizer_sha256=tokenizer_fingerprint(tokenizer))

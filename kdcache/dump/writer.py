@@ -1,0 +1,88 @@
+"""Encoding, compressing and writing shards on a background thread, overlapping the next forwards.
+
+Arrow/Parquet encoding and zstd release the GIL, so the teacher keeps running while a shard is
+written. The queue is short so at most one finished shard waits in memory.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..cache import schema as S
+from ..cache.shards import write_shard
+
+
+def _offsets(lengths) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32), pa.int32())
+
+
+def _list(lengths, values: np.ndarray, list_type: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(_offsets(lengths), pa.array(values, type=list_type.value_type), type=list_type)
+
+
+def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
+    """results: (Row, topk_ids (n, k) int, topk_logprobs (n, k) float16), in any order.
+
+    Rows are written in example_id order, so a shard's bytes never depend on batching.
+    """
+    results = sorted(results, key=lambda r: r[0].example_id)
+    rows = [r[0] for r in results]
+    n_pos = [len(r.positions) for r in rows]
+    field = arrow_schema.field
+    cat = lambda arrays, dtype: np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)  # noqa: E731
+    topk_ids_type = field(S.TOPK_IDS).type
+    topk_lp_type = field(S.TOPK_LOGPROBS).type
+    ids_flat = pa.array(cat([r[1].reshape(-1) for r in results], np.int64), type=topk_ids_type.value_type.value_type)
+    lp_flat = pa.array(cat([r[2].reshape(-1) for r in results], np.float16), type=pa.float16())
+    columns = {
+        S.EXAMPLE_ID: pa.array([r.example_id for r in rows], pa.int64()),
+        S.INPUT_IDS: _list([len(r.input_ids) for r in rows], cat([r.input_ids for r in rows], np.int64), field(S.INPUT_IDS).type),
+        S.POSITIONS: _list(n_pos, cat([r.positions for r in rows], np.int64), field(S.POSITIONS).type),
+        S.TOPK_IDS: pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(ids_flat, k), type=topk_ids_type),
+        S.TOPK_LOGPROBS: pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(lp_flat, k), type=topk_lp_type),
+        S.LABELS: _list(n_pos, cat([r.labels for r in rows], np.int32), field(S.LABELS).type),
+    }
+    if S.TOKEN_TYPE_IDS in arrow_schema.names:
+        columns[S.TOKEN_TYPE_IDS] = _list([len(r.input_ids) for r in rows], cat([r.token_type_ids for r in rows], np.int64),
+                                          field(S.TOKEN_TYPE_IDS).type)
+    return pa.Table.from_arrays([columns[name] for name in arrow_schema.names], schema=arrow_schema)
+
+
+class ShardWriter:
+    """Background writer: submit(index, results) returns at once; errors surface on the next call."""
+
+    def __init__(self, cache_dir: Path, arrow_schema: pa.Schema, k: int, on_written=None):
+        self.cache_dir, self.schema, self.k, self.on_written = Path(cache_dir), arrow_schema, k, on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="kdcache-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            index, results = item
+            try:
+                stats = write_shard(self.cache_dir, index, build_table(results, self.schema, self.k))
+                if self.on_written is not None:
+                    self.on_written(stats)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, index: int, results: list) -> None:
+        self._raise()
+        self.queue.put((index, results))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
