@@ -1,0 +1,125 @@
+"""The cache stream: partitioning, deterministic shuffle, exact mid-epoch restore, collation."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kdcache.cache.stream import CacheStream, StreamLoader, open_cache
+from kdcache.errors import KdcacheError
+from stage2_helpers import synthetic_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # 301 rows in 4 shards of <= 100 rows, row groups of 13: ragged everywhere on purpose.
+    return synthetic_cache(tmp_path_factory.mktemp("stream") / "cache", num_rows=301)
+
+
+def epoch_ids(cache, *, rank=0, world=1, workers=0, epoch=0, seed=0, batch_size=8, shuffle_buffer=40):
+    stream = CacheStream(cache, batch_size=batch_size, seed=seed, rank=rank, world_size=world,
+                         num_workers=workers, shuffle_buffer=shuffle_buffer)
+    loader = StreamLoader(stream)
+    loader.epoch = epoch
+    return [b["example_id"].tolist() for b in loader]
+
+
+def flat(batches):
+    return [i for b in batches for i in b]
+
+
+def test_every_row_once_across_ranks_and_workers(cache):
+    per_rank = [epoch_ids(cache, rank=r, world=2, workers=2) for r in range(2)]
+    ids = flat(per_rank[0]) + flat(per_rank[1])
+    assert sorted(ids) == list(range(1000, 1301))
+    # Ranks get the same number of rows (±workers), and batches are full except each worker's last.
+    assert abs(len(flat(per_rank[0])) - len(flat(per_rank[1]))) <= 2
+    for batches in per_rank:
+        assert sum(len(b) < 8 for b in batches) <= 2
+    # The stream's own arithmetic agrees with what was delivered.
+    stream = CacheStream(cache, batch_size=8, world_size=2, num_workers=2)
+    assert [stream.batches_per_epoch(r) for r in range(2)] == [len(b) for b in per_rank]
+
+
+def test_same_seed_same_order_other_epoch_or_seed_differs(cache):
+    a = flat(epoch_ids(cache, workers=2, epoch=0))
+    assert a == flat(epoch_ids(cache, workers=2, epoch=0))
+    b = flat(epoch_ids(cache, workers=2, epoch=1))
+    c = flat(epoch_ids(cache, workers=2, epoch=0, seed=1))
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1000, 1301))
+    assert a != b and a != c
+    # Shuffled at both levels: not the file order, and not merely row groups reordered.
+    assert a != sorted(a)
+    runs = sum(1 for x, y in zip(a, a[1:]) if y == x + 1)
+    assert runs < 100
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_restore_continues_at_next_sample(cache, workers):
+    full = StreamLoader(CacheStream(cache, batch_size=8, seed=3, world_size=2, rank=1, num_workers=workers))
+    full.epoch = 2
+    all_batches = [b["example_id"].tolist() for b in full]
+    for cut in (1, 5, len(all_batches) - 1):
+        first = StreamLoader(CacheStream(cache, batch_size=8, seed=3, world_size=2, rank=1, num_workers=workers))
+        first.epoch = 2
+        seen = []
+        for batch in first:
+            seen.append(batch["example_id"].tolist())
+            if len(seen) == cut:
+                break
+        state = first.state_dict()
+        assert state["epoch"] == 2 and state["samples"] == sum(map(len, seen))
+        resumed = StreamLoader(CacheStream(cache, batch_size=8, seed=3, world_size=2, rank=1, num_workers=workers))
+        resumed.load_state_dict(state)
+        rest = [b["example_id"].tolist() for b in resumed]
+        assert seen + rest == all_batches
+
+
+def test_restore_refuses_a_different_setup(cache):
+    state = StreamLoader(CacheStream(cache, batch_size=8, num_workers=2)).state_dict()
+    other = StreamLoader(CacheStream(cache, batch_size=4, num_workers=2))
+    with pytest.raises(KdcacheError, match="batch size"):
+        other.load_state_dict(state)
+
+
+def test_collated_batch_matches_the_rows(cache):
+    table = pq.read_table(cache / "data")
+    rows = {r["example_id"]: r for r in table.to_pylist()}
+    stream = CacheStream(cache, batch_size=16, shuffle_buffer=50)
+    batch = next(iter(stream))
+    assert batch["topk_logprobs"].dtype == torch.float32 and batch["topk_ids"].shape[1] == 4
+    target = 0
+    for b, example in enumerate(batch["example_id"].tolist()):
+        row = rows[example]
+        n = len(row["input_ids"])
+        assert batch["input_ids"][b, :n].tolist() == row["input_ids"]
+        assert batch["attention_mask"][b].sum() == n and batch["input_ids"][b, n:].eq(0).all()
+        for j, pos in enumerate(row["positions"]):
+            assert batch["target_rows"][target] == b and batch["target_positions"][target] == pos
+            assert batch["topk_ids"][target].tolist() == row["topk_ids"][j]
+            torch.testing.assert_close(batch["topk_logprobs"][target],
+                                       torch.tensor(row["topk_logprobs"][j], dtype=torch.float16).float())
+            assert batch["labels"][target] == row["labels"][j]
+            target += 1
+    assert target == len(batch["labels"])
+    assert batch["num_tokens"] == int(batch["attention_mask"].sum())
+
+
+def test_hard_label_stream_does_not_decode_soft_targets(cache):
+    batch = next(iter(CacheStream(cache, batch_size=4, soft_targets=False)))
+    assert "topk_ids" not in batch and "topk_logprobs" not in batch and len(batch["labels"]) > 0
+
+
+def test_missing_and_corrupt_shards_are_named(tmp_path):
+    cache = synthetic_cache(tmp_path / "c1", num_rows=120, shard_rows=50)
+    shard = cache / "data" / "part-00001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, broken footer magic
+    with pytest.raises(KdcacheError, match="part-00001.parquet .* corrupt"):
+        open_cache(cache)
+    shard.write_bytes(data[:100])
+    with pytest.raises(KdcacheError, match=r"part-00001.parquet .* corrupt: 100 bytes"):
+        open_cache(cache)
+    shard.unlink()
+    with pytest.raises(KdcacheError, match="part-00001.parquet of cache .* is missing"):
+        open_cache(cache)
