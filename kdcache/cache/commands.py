@@ -1,0 +1,44 @@
+"""`kdcache inspect` and `kdcache verify`: read-only views of a cache."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("inspect", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
+def inspect_cmd(cache, as_json):
+    """Summarise CACHE: task, teacher, rows, positions, k, size, bytes per position,
+    mean top-k probability mass and the teacher's top-1 accuracy where labels exist."""
+    from .stats import cache_stats
+
+    stats = cache_stats(cache)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    width = max(len(key) for key in stats)
+    for key, value in stats.items():
+        if key == "bytes":
+            value = f"{value:,} ({value / 2**20:.2f} MiB)"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        click.echo(f"{key.replace('_', ' '):<{width}}  {value if value is not None else '-'}")
+
+
+@click.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("cache", type=click.Path(path_type=Path))
+def verify_cmd(cache):
+    """Check every shard of CACHE: checksum, row count, schema, ids < vocab, log-probs finite,
+    <= 0 and sorted. Names the first bad shard and exits non-zero."""
+    from tqdm.auto import tqdm
+
+    from ..cache.manifest import read_manifest
+    from .verify import verify_cache
+
+    total = len(read_manifest(cache).get("shards", []))
+    with tqdm(total=total, unit="shard", desc="verify", leave=False) as bar:
+        report = verify_cache(cache, progress=lambda entry: bar.update(1))
+    click.echo(f"ok: {report['shards']} shards, {report['rows']:,} rows, {report['positions']:,} positions verified in {cache}")

@@ -1,0 +1,87 @@
+"""Checking a cache end to end: every shard's checksum, row count, schema, id ranges, log-probs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import KdcacheError
+from . import schema as S
+from .manifest import read_manifest
+from .shards import file_sha256
+
+
+def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
+    """Values of a (nested) list column as one numpy array."""
+    arr = column.combine_chunks()
+    for _ in range(depth):
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
+    """Why this shard is bad, in a few words; None when it is fine."""
+    path = Path(cache_dir) / entry["file"]
+    if not path.is_file():
+        return "file is missing"
+    if path.stat().st_size != entry["bytes"]:
+        return f"size {path.stat().st_size} bytes, manifest says {entry['bytes']}"
+    if file_sha256(path) != entry["sha256"]:
+        return "sha256 does not match the manifest (corrupted or modified)"
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a bad shard
+        return f"unreadable Parquet ({type(e).__name__})"
+    expected = S.schema_for_manifest(manifest)
+    if not table.schema.remove_metadata().equals(expected.remove_metadata()):
+        return f"schema differs from the manifest's: {table.schema.remove_metadata()} vs {expected.remove_metadata()}"
+    if table.num_rows != entry["rows"]:
+        return f"{table.num_rows} rows, manifest says {entry['rows']}"
+    n_pos = pc.list_value_length(table.column(S.POSITIONS)).to_numpy(zero_copy_only=False)
+    if int(n_pos.sum()) != entry["positions"]:
+        return f"{int(n_pos.sum())} positions, manifest says {entry['positions']}"
+    for col in (S.TOPK_IDS, S.TOPK_LOGPROBS, S.LABELS):
+        if not np.array_equal(pc.list_value_length(table.column(col)).to_numpy(zero_copy_only=False), n_pos):
+            return f"{col} does not have one entry per position"
+    input_ids = _flat(table.column(S.INPUT_IDS), 1)
+    if input_ids.size and int(input_ids.max()) >= manifest["vocab_size"]:
+        return f"input id {int(input_ids.max())} >= vocab_size {manifest['vocab_size']}"
+    topk_ids = _flat(table.column(S.TOPK_IDS), 2)
+    if topk_ids.size and int(topk_ids.max()) >= manifest["target_vocab_size"]:
+        return f"top-k id {int(topk_ids.max())} >= target_vocab_size {manifest['target_vocab_size']}"
+    logprobs = _flat(table.column(S.TOPK_LOGPROBS), 2).astype(np.float32)
+    if not np.isfinite(logprobs).all():
+        return "non-finite log-probs"
+    if logprobs.size and logprobs.max() > 0:
+        return f"log-prob {logprobs.max()} > 0"
+    k = manifest["k"]
+    if logprobs.size and (np.diff(logprobs.reshape(-1, k), axis=1) > 0).any():
+        return "top-k log-probs are not sorted in descending order"
+    seq_len = pc.list_value_length(table.column(S.INPUT_IDS)).to_numpy(zero_copy_only=False)
+    positions = _flat(table.column(S.POSITIONS), 1)
+    if positions.size and (positions >= np.repeat(seq_len, n_pos)).any():
+        return "a position is beyond its row's input_ids"
+    return None
+
+
+def verify_cache(cache_dir: Path, progress=None) -> dict:
+    """Raise KdcacheError naming the first bad shard; return a small report when all is well."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    shards = manifest.get("shards", [])
+    if len(shards) != manifest.get("num_shards"):
+        raise KdcacheError(f"{cache_dir} is incomplete ({len(shards)} of {manifest.get('num_shards')} shards); "
+                           "re-run the same `kdcache dump-logits` command to finish it")
+    for entry in shards:
+        problem = check_shard(cache_dir, manifest, entry)
+        if problem:
+            raise KdcacheError(f"shard {entry['file']} of {cache_dir} is bad: {problem}; "
+                               f"delete it and its sidecar and re-run `kdcache dump-logits` to rewrite it")
+        if progress is not None:
+            progress(entry)
+    if not manifest.get("complete", False):
+        raise KdcacheError(f"{cache_dir}: manifest says complete=false; re-run `kdcache dump-logits` to finish it")
+    return {"shards": len(shards), "rows": manifest["totals"]["rows"], "positions": manifest["totals"]["positions"]}
