@@ -1,0 +1,135 @@
+"""Distillation losses on sparse targets.
+
+KD term: forward KL(teacher || student) at temperature T, times T² (Hinton et al.), where the
+teacher is its top-k distribution renormalised over the k stored ids (`tail="renorm"`), or the
+top-k plus one "rest" bucket holding the mass outside them (`tail="bucket"`), and the student
+is its full log-softmax read at the same ids (plus its own rest mass for the bucket).
+Hard term: cross-entropy on the labels where known (-1 = unknown).
+Total: alpha * KD + (1 - alpha) * hard.
+
+The output layer runs per chunk of targets under activation checkpointing, so at most one
+chunk's (targets x vocab) logits exist at a time, in the forward and in the backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+TAILS = ("renorm", "bucket")
+# Logit elements per chunk (targets x vocab): 16M fp32 = 64 MiB per chunk.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p - log q) per row, with 0·log 0 = 0 (entries the teacher gives no mass)."""
+    p = log_p.exp()
+    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+    return (p * (safe_log_p - log_q)).sum(-1)
+
+
+def cached_kd_per_target(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                         temperature: float, tail: str = "renorm") -> torch.Tensor:
+    """KD loss per target (already × T²) against the cached top-k teacher log-probs (T = 1)."""
+    log_q = (student_logits.float() / temperature).log_softmax(-1)
+    log_q_k = log_q.gather(1, topk_ids)
+    teacher = topk_logprobs.float()
+    if tail == "renorm":
+        log_p = (teacher / temperature).log_softmax(-1)
+        kl = _kl(log_p, log_q_k)
+    elif tail == "bucket":
+        # Teacher rest mass at T = 1 is exact (1 - top-k mass); at T != 1 it is scaled as if it
+        # were one token, the best the cache allows. fp16 rounding may push the top-k mass past 1.
+        rest = (-torch.expm1(teacher.logsumexp(-1, keepdim=True))).clamp(min=0)
+        log_p = (torch.cat([teacher, rest.log()], -1) / temperature).log_softmax(-1)
+        # Student rest: log-sum-exp over the ids outside the top-k, exactly (a large finite
+        # negative instead of -inf keeps the gradient finite when k = vocab).
+        in_topk = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, topk_ids, True)
+        log_q_rest = log_q.masked_fill(in_topk, -1e30).logsumexp(-1, keepdim=True)
+        kl = _kl(log_p, torch.cat([log_q_k, log_q_rest], -1))
+    else:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    return kl * temperature ** 2
+
+
+def online_kd_per_target(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD loss per target (× T²) against a live teacher's full softmax."""
+    log_q = (student_logits.float() / temperature).log_softmax(-1)
+    log_p = (teacher_logits.float() / temperature).log_softmax(-1)
+    return _kl(log_p, log_q) * temperature ** 2
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor        # what to backpropagate
+    kd: torch.Tensor          # mean KD term over targets (0 when alpha = 0)
+    hard: torch.Tensor        # mean hard-label CE over labelled targets (0 when none)
+    num_targets: int
+    num_labelled: int
+
+
+@dataclass
+class DistillLoss:
+    temperature: float = 1.0
+    alpha: float = 0.5
+    tail: str = "renorm"
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    def __post_init__(self):
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+
+    @property
+    def uses_soft_targets(self) -> bool:
+        return self.alpha > 0
+
+    def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits):
+        logits = head(hidden)
+        kd = logits.new_zeros((), dtype=torch.float32)
+        if self.uses_soft_targets:
+            per_target = (online_kd_per_target(logits, teacher_logits, self.temperature) if teacher_logits is not None
+                          else cached_kd_per_target(logits, topk_ids, topk_logprobs, self.temperature, self.tail))
+            kd = per_target.sum()
+        hard = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum") if (labels >= 0).any() \
+            else logits.new_zeros((), dtype=torch.float32)
+        return torch.stack([kd, hard])
+
+    def __call__(self, hidden: torch.Tensor, head, batch: dict, teacher_logits: torch.Tensor | None = None) -> LossOutput:
+        """hidden: (N, H) student features at the targets, head: features -> logits;
+        batch: its labels and (cached KD) topk_ids/topk_logprobs; teacher_logits: (N, V) (online KD)."""
+        labels = batch["labels"]
+        n = labels.shape[0]
+        topk_ids = batch.get("topk_ids") if teacher_logits is None else None
+        topk_logprobs = batch.get("topk_logprobs") if teacher_logits is None else None
+        if self.uses_soft_targets and teacher_logits is None and topk_ids is None:
+            raise ValueError("alpha > 0 needs the cached soft targets (stream with soft_targets=True) or teacher_logits")
+        vocab = _out_features(head, hidden)
+        chunk = max(1, self.chunk_elements // max(vocab, 1))
+        if n <= chunk:
+            sums = self._chunk_sums(hidden, head, labels, topk_ids, topk_logprobs, teacher_logits)
+        else:
+            sums = hidden.new_zeros(2, dtype=torch.float32)
+            for start in range(0, n, chunk):
+                part = slice(start, start + chunk)
+                args = (hidden[part], head, labels[part],
+                        None if topk_ids is None else topk_ids[part],
+                        None if topk_logprobs is None else topk_logprobs[part],
+                        None if teacher_logits is None else teacher_logits[part])
+                # Recompute this chunk's logits in the backward pass instead of keeping them.
+                sums = sums + checkpoint(self._chunk_sums, *args, use_reentrant=False)
+        num_labelled = int((labels >= 0).sum())
+        kd = sums[0] / max(n, 1)
+        hard = sums[1] / max(num_labelled, 1)
+        loss = self.alpha * kd + (1 - self.alpha) * hard if self.alpha < 1 else kd
+        return LossOutput(loss, kd.detach(), hard.detach(), n, num_labelled)
+
+
+def _out_features(head, hidden: torch.Tensor) -> int:
+    """Width of the head's output (vocab), without running it."""
+    if isinstance(head, torch.nn.Module):
+        linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        if linears:
+            return linears[-1].out_features
+    return hidden.shape[-1]  # identity head: hidden already holds the logits

@@ -1,0 +1,120 @@
+"""Cached KD against an independent online-KD computation from direct teacher/student forwards."""
+from __future__ import annotations
+
+import csv
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import shakespeare_lines
+from kdcache.cache.stream import CacheStream, open_cache
+from kdcache.train.forward import target_hidden, target_logits
+from kdcache.train.losses import DistillLoss
+from kdcache.train.students import Sizes, auto_class, build_student, plan_student
+from stage2_helpers import CLM, CLS, MLM, teacher_cache
+
+TEACHERS = {MLM: "tiny_bert_mlm", CLM: "tiny_llama_clm", CLS: "tiny_bert_cls"}
+
+
+def corpus(task, sms_csv):
+    if task != CLS:
+        return shakespeare_lines(14)[2:], None
+    with open(sms_csv) as f:
+        rows = list(csv.DictReader(f))[:12]
+    return [r["text"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def tiny_student(cache_dir, task):
+    cache = open_cache(cache_dir)
+    plan = plan_student("L2-H128", cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir,
+                        sizes=Sizes(layers=1, hidden=16, heads=2, intermediate=32))
+    torch.manual_seed(0)
+    # eval(): no dropout, so the cached and the reference computation see the same function.
+    return cache, build_student(plan, task).eval()
+
+
+def reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16):
+    """Per-row, unpadded full forwards; full-vocabulary softmax; no cache code involved."""
+    kd, ce, n, n_labelled = 0.0, 0.0, 0, 0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        s = student(input_ids=ids).logits[0]
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits[0]
+        if task == CLS:
+            s, t = s[None], t[None]
+        else:
+            s, t = s[row["positions"]], t[row["positions"]]
+        t_logprobs = t.log_softmax(-1)
+        if round_teacher_to_fp16:  # what the cache stores
+            t_logprobs = t_logprobs.half().float()
+        p = (t_logprobs / temperature).softmax(-1)
+        log_q = (s / temperature).log_softmax(-1)
+        kd = kd + (p * (p.log() - log_q)).sum() * temperature ** 2
+        labels = torch.tensor(row["labels"])
+        known = labels >= 0
+        ce = ce + F.cross_entropy(s[known], labels[known], reduction="sum")
+        n, n_labelled = n + len(labels), n_labelled + int(known.sum())
+    return kd / n, ce / n_labelled
+
+
+@pytest.mark.parametrize("task", [MLM, CLM, CLS])
+def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, request, sms_csv, tmp_path):
+    teacher_dir = request.getfixturevalue(TEACHERS[task])
+    texts, labels = corpus(task, sms_csv)
+    teacher = auto_class(task).from_pretrained(teacher_dir).eval()
+    vocab = teacher.config.num_labels if task == CLS else teacher.config.vocab_size
+    cache_dir = teacher_cache(tmp_path / "cache", teacher_dir, task, texts, k=vocab, labels=labels)
+    cache, student = tiny_student(cache_dir, task)
+    rows = pq.read_table(cache_dir / "data").to_pylist()
+    batch = next(iter(CacheStream(cache, batch_size=len(rows), shuffle=False)))
+    params = [p for p in student.parameters() if p.requires_grad]
+    temperature, alpha = 2.0, 0.7
+    # chunk_elements = 3 * vocab: several checkpointed chunks of 3 targets for the LM tasks.
+    loss_fn = DistillLoss(temperature=temperature, alpha=alpha, chunk_elements=3 * vocab)
+
+    hidden, head = target_hidden(student, task, batch)
+    cached = loss_fn(hidden, head, batch)
+    cached_grads = torch.autograd.grad(cached.loss, params)
+
+    kd_ref, ce_ref = reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16=True)
+    ref = alpha * kd_ref + (1 - alpha) * ce_ref
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(cached.kd, kd_ref.detach(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(cached.hard, ce_ref.detach(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(cached.loss, ref, rtol=2e-5, atol=1e-7)
+    for got, want in zip(cached_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert cached.kd > 0 and sum(g.abs().sum() for g in cached_grads) > 0
+
+    # Online mode (live teacher on the same batch, full softmax): equals the unrounded reference.
+    with torch.no_grad():
+        teacher_logits = target_logits(teacher, task, batch)
+    hidden, head = target_hidden(student, task, batch)
+    online = loss_fn(hidden, head, batch, teacher_logits=teacher_logits)
+    kd_exact, _ = reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16=False)
+    torch.testing.assert_close(online.kd, kd_exact.detach(), rtol=2e-5, atol=1e-7)
+
+
+def test_bucket_tail_keeps_the_mass_outside_the_top_k(tiny_bert_mlm, tmp_path):
+    texts = shakespeare_lines(10)
+    cache_dir = teacher_cache(tmp_path / "cache", tiny_bert_mlm, MLM, texts, k=5)
+    cache, student = tiny_student(cache_dir, MLM)
+    rows = pq.read_table(cache_dir / "data").to_pylist()
+    batch = next(iter(CacheStream(cache, batch_size=len(rows), shuffle=False)))
+    hidden, head = target_hidden(student, MLM, batch)
+    bucket = DistillLoss(temperature=1.0, alpha=1.0, tail="bucket", chunk_elements=4 * 400)(hidden, head, batch)
+    renorm = DistillLoss(temperature=1.0, alpha=1.0, tail="renorm")(hidden, head, batch)
+
+    # Independent: probabilities summed directly, the rest as 1 - Σ top-k on both sides.
+    q = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    q = q[batch["target_rows"], batch["target_positions"]].softmax(-1)
+    p_k = batch["topk_logprobs"].exp()
+    q_k = q.gather(1, batch["topk_ids"])
+    p = torch.cat([p_k, (1 - p_k.sum(-1, keepdim=True)).clamp(min=0)], -1)
+    qq = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    expected = (p * (p.log() - qq.log())).sum(-1).mean()
+    torch.testing.assert_close(bucket.kd, expected.detach(), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(bucket.kd, renorm.kd)
