@@ -1,0 +1,68 @@
+"""Helpers for the stage-one tests: run the CLI in-process, read a cache, run a teacher directly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+
+def run_cli(args, capsys=None) -> tuple[int, str, str]:
+    """Run `kdcache ARGS` in this process; (exit code, stdout, stderr)."""
+    from kdcache.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = ("", "")
+    if capsys is not None:
+        captured = capsys.readouterr()
+        out, err = captured.out, captured.err
+    return code, out, err
+
+
+def dump(teacher, data, out, *extra, capsys=None, check=True):
+    args = ["dump-logits", "--teacher", teacher, "--data", data, "--out", out, "--no-progress", *extra]
+    code, stdout, stderr = run_cli(args, capsys)
+    if check:
+        assert code == 0, f"dump failed ({code}): {stderr}"
+    return code, stdout, stderr
+
+
+def manifest(cache: Path) -> dict:
+    return json.loads((Path(cache) / "manifest.json").read_text())
+
+
+def read_rows(cache: Path) -> list[dict]:
+    """All rows of a cache, sorted by example_id, as plain Python/numpy values."""
+    table = pq.read_table(Path(cache) / "data")
+    rows = table.to_pylist()
+    for r in rows:
+        r["topk_ids"] = np.array(r["topk_ids"], dtype=np.int64)
+        r["topk_logprobs"] = np.array(r["topk_logprobs"], dtype=np.float32)
+    return sorted(rows, key=lambda r: r["example_id"])
+
+
+def assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert x["example_id"] == y["example_id"]
+        for key in ("input_ids", "positions", "labels"):
+            assert x[key] == y[key], (key, x["example_id"])
+        np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])
+        np.testing.assert_array_equal(x["topk_logprobs"], y["topk_logprobs"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 shared cores: one thread is ~5x faster than two fighting (and deterministic)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
