@@ -1,0 +1,342 @@
+"""The training loop: plain PyTorch, read top to bottom (after nanoGPT's train.py).
+
+cache -> CacheStream (this rank's partition) -> student body -> output layer at the targets
+-> DistillLoss -> AdamW + warmup/decay schedule, with grad accumulation, clipping, autocast on
+CUDA, DDP under torchrun, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cache.collate import move_batch
+from ..cache.manifest import atomic_write_json
+from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
+from ..errors import KdcacheError
+from . import checkpoint, distributed
+from .forward import target_hidden, target_logits
+from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
+from .students import Sizes, auto_class, build_student, init_from_teacher, plan_student
+
+SUMMARY = "train_summary.json"
+METRICS = "metrics.jsonl"
+# Settings a checkpoint must share with the run that resumes it (else it would not be "exact").
+RESUME_KEYS = ("cache", "student", "task", "batch_size", "grad_accum", "seed", "temperature", "alpha", "tail",
+               "online_teacher", "total_steps", "world_size", "num_workers")
+
+
+@dataclass
+class TrainConfig:
+    cache: Path
+    student: str
+    out: Path
+    max_steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None          # None: 6% of the steps
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    alpha: float = 0.5
+    tail: str = "renorm"
+    seed: int = 0
+    sizes: Sizes = field(default_factory=Sizes)
+    init_from_teacher: bool = False
+    teacher: Path | None = None
+    online_teacher: Path | None = None
+    save_every: int = 0                      # 0: only at the end of a session
+    resume: bool = False
+    stop_after_steps: int | None = None      # end this session after N steps (checkpointed)
+    device: str | None = None
+    precision: str = "auto"
+    num_workers: int = 2
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    log_every: int = 10
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    progress: bool = True
+
+
+class StudentLoss(torch.nn.Module):
+    """Student + loss in one module, so DDP's forward sees the whole computation."""
+
+    def __init__(self, model, task: str, loss_fn: DistillLoss):
+        super().__init__()
+        self.model, self.task, self.loss_fn = model, task, loss_fn
+
+    def forward(self, batch: dict, teacher_logits=None):
+        hidden, head = target_hidden(self.model, self.task, batch)
+        out = self.loss_fn(hidden, head, batch, teacher_logits=teacher_logits)
+        return out.loss, out.kd, out.hard
+
+
+def _autocast(device: torch.device, precision: str):
+    """(autocast context factory, grad scaler or None). Mixed precision only on CUDA."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext, None
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _optimizer(model, lr: float, weight_decay: float, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]      # matrices and embeddings
+    no_decay = [p for p in params if p.dim() < 2]    # biases and norms
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+
+
+def _batches(loader: StreamLoader, batches_per_epoch: int):
+    """Endless batches; every rank takes exactly `batches_per_epoch` from each epoch."""
+    while True:
+        if loader.batches < batches_per_epoch:
+            for batch in loader:
+                yield batch
+                if loader.batches >= batches_per_epoch:
+                    break
+        loader.next_epoch()
+
+
+def _check_out_dir(out: Path, resume: bool) -> dict | None:
+    """Refuse to overwrite a run; returns an existing finished summary when resuming one."""
+    summary_path = out / SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    ckpt = checkpoint.find_checkpoint(out)
+    if not resume and (ckpt is not None or (summary or {}).get("done")):
+        what = "a finished student" if (summary or {}).get("done") else f"a checkpoint ({ckpt.name})"
+        raise KdcacheError(f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out")
+    return summary if (summary or {}).get("done") else None
+
+
+def _load_teacher(path: Path, task: str, cache, device):
+    try:
+        teacher = auto_class(task).from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise KdcacheError(f"--online-teacher {path}: cannot load a {task} model ({str(e).splitlines()[0]}); "
+                           "pass the teacher's save_pretrained directory") from None
+    want = cache.manifest.get("target_vocab_size") or cache.manifest["vocab_size"]
+    have = teacher.config.num_labels if task == "seq-cls" else teacher.config.vocab_size
+    if have != want:
+        raise KdcacheError(f"--online-teacher {path} has {have} outputs, the cache's teacher {want}; "
+                           "use the teacher the cache was made with")
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one student; returns the train summary (also written to OUT/train_summary.json)."""
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise KdcacheError("pass either --max-steps or --epochs, not both")
+    if cfg.alpha < 0 or cfg.alpha > 1:
+        raise KdcacheError(f"--alpha {cfg.alpha} must be within [0, 1] (weight of the KD term)")
+    if cfg.temperature <= 0:
+        raise KdcacheError(f"--temperature {cfg.temperature} must be > 0")
+    out = Path(cfg.out)
+    cache = open_cache(cfg.cache)  # checks every shard before anything is written
+    task = cache.task
+    finished = _check_out_dir(out, cfg.resume)
+    if finished is not None:
+        return finished
+    plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
+                        teacher=cfg.teacher)
+    dist = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, dist, cache, task, plan, out)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
+    device = dist.device
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_student(plan, task)
+    layer_map = init_from_teacher(model, task, cache.manifest, cfg.teacher) if cfg.init_from_teacher else None
+    model.to(device)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    teacher = _load_teacher(Path(cfg.online_teacher), task, cache, device) if cfg.online_teacher else None
+
+    loss_fn = DistillLoss(cfg.temperature, cfg.alpha, cfg.tail, cfg.chunk_elements)
+    # Soft targets are decoded only when the KD term uses them from the cache.
+    stream = CacheStream(cache, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank,
+                         world_size=dist.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+                         soft_targets=loss_fn.uses_soft_targets and teacher is None)
+    loader = StreamLoader(stream, pin_memory=device.type == "cuda")
+    steps_per_epoch = stream.min_batches_per_epoch() // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise KdcacheError(f"the cache has {cache.num_rows} rows: too few for one step of --batch-size {cfg.batch_size} "
+                           f"x {cfg.grad_accum} accumulation x {dist.world_size} processes; lower --batch-size")
+    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.06 * total_steps)
+
+    from transformers import get_scheduler
+    optimizer = _optimizer(model, cfg.lr, cfg.weight_decay, device)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    autocast, scaler = _autocast(device, cfg.precision)
+    net = StudentLoss(model, task, loss_fn)
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    identity = {"cache": str(Path(cfg.cache).resolve()), "student": plan.spec, "task": task,
+                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                "temperature": cfg.temperature, "alpha": cfg.alpha, "tail": cfg.tail,
+                "online_teacher": str(cfg.online_teacher) if cfg.online_teacher else None,
+                "total_steps": total_steps, "world_size": dist.world_size, "num_workers": cfg.num_workers}
+    step, tokens, seconds = 0, 0, 0.0
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across ranks, reproducibly
+    ckpt = checkpoint.find_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        meta = checkpoint.read_meta(ckpt)
+        diffs = [k for k in RESUME_KEYS if meta["identity"].get(k) != identity.get(k)]
+        if diffs:
+            k = diffs[0]
+            raise KdcacheError(f"cannot resume {out}: its checkpoint was made with {k}={meta['identity'].get(k)!r}, "
+                               f"this run has {identity.get(k)!r}; rerun with the original options or use another --out")
+        trainer_state, rank_state = checkpoint.load(ckpt, dist.rank, model=model)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        if scaler is not None and trainer_state.get("scaler"):
+            scaler.load_state_dict(trainer_state["scaler"])
+        step, tokens, seconds = trainer_state["step"], trainer_state["tokens"], trainer_state["seconds"]
+        torch.set_rng_state(rank_state["torch_rng"])
+        if device.type == "cuda" and rank_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
+        loader.load_state_dict(rank_state["stream"])
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(out / METRICS, step)
+        atomic_write_json(out / SUMMARY, _summary(cfg, plan, identity, num_parameters, step, tokens, seconds,
+                                                  done=False, layer_map=layer_map))
+
+    pending_tokens = 0  # this rank's tokens not yet summed over ranks into `tokens`
+
+    def flush_tokens():
+        nonlocal tokens, pending_tokens
+        tokens += int(dist.sum(pending_tokens))
+        pending_tokens = 0
+
+    def save_checkpoint():
+        flush_tokens()
+        checkpoint.save(out, dist, model=model, meta={"step": step, "identity": identity},
+                        trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "scaler": scaler.state_dict() if scaler is not None else None,
+                                       "step": step, "tokens": tokens, "seconds": seconds},
+                        rank_state={"torch_rng": torch.get_rng_state(),
+                                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                    "stream": loader.state_dict()})
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {plan.spec}", unit="step", dynamic_ncols=True,
+               disable=not (dist.is_main and cfg.progress))
+    batches = _batches(loader, steps_per_epoch * cfg.grad_accum)
+    metrics_file = open(out / METRICS, "a") if dist.is_main else None
+    sums, logged_steps, session_steps = torch.zeros(3), 0, 0
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    try:
+        while step < total_steps and (cfg.stop_after_steps is None or session_steps < cfg.stop_after_steps):
+            step_start = time.perf_counter()
+            for micro in range(cfg.grad_accum):
+                batch = move_batch(next(batches), device, non_blocking=True)
+                teacher_logits = None
+                if teacher is not None and loss_fn.uses_soft_targets:
+                    with torch.no_grad(), autocast():
+                        teacher_logits = target_logits(teacher, task, batch)
+                sync = nullcontext() if not dist.enabled or micro == cfg.grad_accum - 1 else net.no_sync()
+                with sync:
+                    with autocast():
+                        loss, kd, hard = net(batch, teacher_logits)
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                sums += torch.stack([loss.detach(), kd, hard]).float().cpu() / cfg.grad_accum
+                window_tokens += batch["num_tokens"]
+                pending_tokens += batch["num_tokens"]
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            session_steps += 1
+            logged_steps += 1
+            seconds += time.perf_counter() - step_start
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                step_tokens = int(dist.sum(window_tokens))
+                flush_tokens()
+                rate = step_tokens / max(time.perf_counter() - window_start, 1e-9)
+                loss_avg, kd_avg, hard_avg = (sums / logged_steps).tolist()
+                record = {"step": step, "epoch": loader.epoch, "loss": loss_avg,
+                          "kd_loss": kd_avg if cfg.alpha > 0 else None,
+                          "hard_loss": hard_avg if cfg.alpha < 1 else None,
+                          "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_second": rate}
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rate:,.0f}")
+                sums.zero_()
+                logged_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint()
+        flush_tokens()
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    done = step >= total_steps
+    summary = _summary(cfg, plan, identity, num_parameters, step, tokens, seconds, done=done, layer_map=layer_map)
+    if not done:
+        save_checkpoint()  # session ended early (--stop-after-steps): resume from exactly here
+    elif dist.is_main:
+        model.save_pretrained(out)
+        _save_tokenizer(cache, out)
+        checkpoint.remove(out)
+    if dist.is_main:
+        atomic_write_json(out / SUMMARY, summary)
+    dist.barrier()
+    return summary
+
+
+def _save_tokenizer(cache, out: Path) -> None:
+    if cache.tokenizer_dir.is_dir():
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(cache.tokenizer_dir).save_pretrained(out)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines written after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _summary(cfg: TrainConfig, plan, identity, num_parameters, step, tokens, seconds, *, done, layer_map) -> dict:
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {
+        "done": done, "steps": step, "total_steps": identity["total_steps"], "tokens": tokens,
+        "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "num_parameters": num_parameters,
+        "student": {"spec": plan.spec, "kind": plan.kind, "model_type": plan.config.model_type,
+                    "layers": plan.config.num_hidden_layers, "hidden": plan.config.hidden_size,
+                    "heads": plan.config.num_attention_heads, "init_from_teacher_layers": layer_map},
+        "cache": identity["cache"], "task": identity["task"], "alpha": cfg.alpha,
+        "online_teacher": identity["online_teacher"], "world_size": identity["world_size"], "args": args,
+    }
