@@ -24,7 +24,7 @@ from .batching import make_batches, padded_tokens
 from .corpus import load_corpus
 from .rows import MaskingRecipe, RowPlan, tokenize_corpus
 from .targets import topk_targets
-from .teacher import load_teacher
+from .teacher import load_model, load_teacher
 from .writer import ShardWriter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -235,8 +235,7 @@ def validate(opts: DumpOptions, dist: Dist):
         raise KdcacheError(f"--limit must be >= 1, got {opts.limit}")
     device = resolve_device(opts.device, dist)
     dtype = resolve_dtype(opts.dtype, device)
-    teacher = load_teacher(opts.teacher, task=opts.task, dtype=DTYPES[dtype], device=device,
-                           trust_remote_code=opts.trust_remote_code, load_weights=not opts.dry_run)
+    teacher = load_teacher(opts.teacher, task=opts.task, trust_remote_code=opts.trust_remote_code, load_weights=False)
     task = teacher.task
     if task == "seq-cls":
         k = teacher.target_vocab_size  # the whole label set: classification targets are tiny
@@ -260,6 +259,10 @@ def validate(opts: DumpOptions, dist: Dist):
         raise KdcacheError(f"--max-length must be >= 2, got {max_length}")
     corpus = load_corpus(opts.data, split=opts.split, text_column=opts.text_column,
                          text_pair_column=opts.text_pair_column, label_column=opts.label_column, limit=opts.limit)
+    if not opts.dry_run:
+        load_model(teacher, dtype=DTYPES[dtype], device=device)
+        if task != "seq-cls" and k > teacher.target_vocab_size:
+            raise KdcacheError(f"--top-k {k} exceeds the teacher's output size {teacher.target_vocab_size}")
     return device, dtype, teacher, corpus, task, k, packing, max_length
 
 

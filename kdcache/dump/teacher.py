@@ -29,6 +29,8 @@ class Teacher:
     max_positions: int | None  # longest sequence the teacher accepts
     fingerprint: dict = field(default_factory=dict)
     tokenizer_sha256: str = ""
+    load_source: str = ""
+    load_kwargs: dict = field(default_factory=dict)
 
 
 def _sha256_json(obj) -> str:
@@ -161,21 +163,8 @@ def load_teacher(teacher: str, *, task: str | None = None, dtype=None, device="c
         raise KdcacheError(f"cannot load teacher {teacher!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                            "; pass a transformers model directory with its tokenizer") from None
     task = detect_task(config, task, gguf_file)
-    model = None
-    if load_weights:
-        try:
-            model = _auto_class(task).from_pretrained(source_for_load, dtype=dtype, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise KdcacheError(f"cannot load teacher {teacher!r} as a {task} model: {type(e).__name__}: "
-                               f"{(str(e).splitlines() or [''])[0]}; check --task") from None
-        model.eval().to(device)
-    vocab_size = getattr(config, "vocab_size", None) or len(tokenizer)
-    vocab_size = max(int(vocab_size), len(tokenizer))
-    if task == "seq-cls":
-        target_vocab = int(config.num_labels)
-    else:
-        target_vocab = int(model.get_output_embeddings().weight.shape[0]) if model is not None else vocab_size
-        vocab_size = max(vocab_size, target_vocab)
+    vocab_size = max(int(getattr(config, "vocab_size", None) or len(tokenizer)), len(tokenizer))
+    target_vocab = int(config.num_labels) if task == "seq-cls" else vocab_size
     fingerprint = {
         "source": source if folder is None or not Path(source).exists() else str(Path(source).resolve()),
         "gguf_file": gguf_file,
@@ -183,11 +172,31 @@ def load_teacher(teacher: str, *, task: str | None = None, dtype=None, device="c
         "architecture": (getattr(config, "architectures", None) or [None])[0],
         "config_sha256": config_fingerprint(folder, config),
         "weights_sha256": weights_fingerprint(folder, gguf_file),
-        "num_parameters": sum(p.numel() for p in model.parameters()) if model is not None else None,
+        "num_parameters": None,
     }
     if source != teacher and not Path(teacher).exists():
         fingerprint["source"] = teacher  # hub id, not the snapshot folder
-    return Teacher(model=model, tokenizer=tokenizer, task=task, source=fingerprint["source"], gguf_file=gguf_file,
+    teacher = Teacher(model=None, tokenizer=tokenizer, task=task, source=fingerprint["source"], gguf_file=gguf_file,
                    config=config, vocab_size=vocab_size, target_vocab_size=target_vocab,
                    max_positions=max_positions(config), fingerprint=fingerprint,
                    tokenizer_sha256=tokenizer_fingerprint(tokenizer))
+    teacher.load_source, teacher.load_kwargs = source_for_load, kwargs
+    if load_weights:
+        load_model(teacher, dtype=dtype, device=device)
+    return teacher
+
+
+def load_model(teacher: Teacher, *, dtype=None, device="cpu") -> None:
+    """Load the weights (the slow part), after every cheap check on config, tokenizer and corpus."""
+    try:
+        model = _auto_class(teacher.task).from_pretrained(teacher.load_source, dtype=dtype, **teacher.load_kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise KdcacheError(f"cannot load teacher {teacher.source!r} as a {teacher.task} model: {type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0]}; check --task") from None
+    teacher.model = model.eval().to(device)
+    teacher.fingerprint["num_parameters"] = sum(p.numel() for p in model.parameters())
+    if teacher.task != "seq-cls":
+        # Some checkpoints pad the output layer beyond the tokenizer (e.g. to a multiple of 64).
+        out_size = int(model.get_output_embeddings().weight.shape[0])
+        teacher.target_vocab_size = max(teacher.target_vocab_size, out_size)
+        teacher.vocab_size = max(teacher.vocab_size, out_size)
