@@ -111,7 +111,7 @@ def test_nan_teacher_outputs_name_the_example_ids(capsys, tiny_bert_cls, sms_csv
     poisoned = tmp_path / "poisoned"
     shutil.copytree(tiny_bert_cls, poisoned)
     tok = AutoTokenizer.from_pretrained(tiny_bert_cls)
-    token = tok.convert_tokens_to_ids("free")  # in some SMS messages, not in most
+    token = tok.convert_tokens_to_ids("for")  # in about a fifth of the SMS messages
     assert token != tok.unk_token_id
     weights = load_file(poisoned / "model.safetensors")
     name = next(n for n in weights if n.endswith("word_embeddings.weight"))
