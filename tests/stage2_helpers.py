@@ -145,3 +145,62 @@ def teacher_cache(cache_dir: Path, teacher_dir: Path, task: str, texts: list[str
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """Run `kdcache ARGS` in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from kdcache.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_ok(args: list[str]) -> str:
+    code, out, err = run_cli(args)
+    assert code == 0, f"kdcache {' '.join(map(str, args))} exited {code}:\n{err[-3000:]}"
+    return out
+
+
+def cli_error(args: list[str]) -> str:
+    """Run a command that must fail the user-error way: exit 2, one `error:` line, no traceback."""
+    code, _, err = run_cli(args)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, f"exit {code}, stderr:\n{err[-3000:]}"
+    return lines[0]
+
+
+def single_thread_torch():
+    """Generator for a fixture: one intra-op thread while stage-two tests run (tiny models on
+    a shared 2-core machine run several times faster), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sharp_bert_mlm(path: Path, tokenizer) -> Path:
+    """A random tiny BERT MLM teacher whose predictions are confident (output LayerNorm scaled
+    up), so there is something definite for a student to learn from it."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.transform.LayerNorm.weight.mul_(40.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

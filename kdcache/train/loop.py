@@ -233,14 +233,18 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
                                        "step": step, "tokens": tokens, "seconds": seconds},
                         rank_state={"torch_rng": torch.get_rng_state(),
                                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                    "stream": loader.state_dict()})
+                                    "stream": loader.state_dict(),
+                                    # the open metrics window, so the next line averages the same steps
+                                    "log_sums": sums.clone(), "logged_steps": logged_steps})
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, desc=f"train {plan.spec}", unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
     batches = _batches(loader, steps_per_epoch * cfg.grad_accum)
     metrics_file = open(out / METRICS, "a") if dist.is_main else None
-    sums, logged_steps, session_steps = torch.zeros(3), 0, 0
+    sums = rank_state["log_sums"] if ckpt is not None else torch.zeros(3)
+    logged_steps = rank_state["logged_steps"] if ckpt is not None else 0
+    session_steps = 0
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
     try:
