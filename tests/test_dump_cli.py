@@ -1,0 +1,50 @@
+"""dump-logits as a user meets it: dry run, summary, re-runs, --overwrite, --help."""
+from __future__ import annotations
+
+from dump_helpers import assert_same_rows, dump, manifest, one_torch_thread, read_rows, run_cli  # noqa: F401 (autouse fixture)
+
+ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 30, "--limit", 150, "--mask-copies", 2]
+
+
+def test_dry_run_counts_match_the_real_dump_and_write_nothing(tmp_path, tiny_bert_mlm, shakespeare_txt, capsys):
+    out = tmp_path / "cache"
+    _, dry, _ = dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, "--dry-run", capsys=capsys)
+    assert not out.exists()
+    _, real, _ = dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
+    m = manifest(out)
+    assert f"{m['totals']['rows']:,} rows, {m['totals']['positions']:,} target positions" in dry
+    assert "estimated cache size" in dry and "teacher was not run" in dry
+    # the end-of-run summary paragraph
+    assert f"Wrote {m['totals']['rows']:,} rows with {m['totals']['positions']:,} target positions" in real
+    assert "bytes per position" in real and "tokens/s" in real and "cache complete" in real
+
+
+def test_rerun_resumes_and_overwrite_replaces(tmp_path, tiny_bert_mlm, shakespeare_txt, capsys):
+    out = tmp_path / "cache"
+    dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
+    first = read_rows(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    # identical re-run: nothing to do, nothing rewritten
+    _, text, _ = dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
+    assert "this run processed 0 tokens" in text
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")} == mtimes
+    # a missing shard is redone, the rest kept
+    (out / "data" / "_part-00002.stats.json").unlink()
+    _, text, _ = dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
+    assert "resuming" in text and manifest(out)["complete"]
+    assert_same_rows(read_rows(out), first)
+    # --overwrite with another k replaces the cache
+    args = [a if a != 8 else 4 for a in ARGS]
+    dump(tiny_bert_mlm, shakespeare_txt, out, *args, "--overwrite", capsys=capsys)
+    assert manifest(out)["k"] == 4 and manifest(out)["complete"]
+    assert read_rows(out)[0]["topk_ids"].shape[1] == 4
+
+
+def test_help_lists_every_option(capsys):
+    code, text, _ = run_cli(["dump-logits", "--help"], capsys)
+    assert code == 0
+    for option in ("--teacher", "--data", "--out", "--task", "--split", "--text-column", "--text-pair-column",
+                   "--label-column", "--max-length", "--packing", "--mlm-probability", "--mask-copies", "--top-k",
+                   "--dtype", "--device", "--batch-size", "--max-tokens-per-batch", "--shard-rows", "--seed",
+                   "--limit", "--overwrite", "--dry-run"):
+        assert option in text, option
