@@ -90,7 +90,7 @@ def evaluate_dir(model_dir: Path, eval_cache: Path, record_path: Path | None, fr
         old = read_json(record_path)
         if old and old.get("key") == key and isinstance(old.get("metrics"), dict):
             return old["metrics"]
-    metrics = dict(evaluate(model_dir, eval_cache))
+    metrics = dict(evaluate(model_dir, eval_cache, progress=True))
     if record_path is not None:
         atomic_write_json(record_path, {"key": key, "metrics": metrics})
     return metrics

@@ -16,7 +16,7 @@ TRAIN_SUMMARY = "train_summary.json"
 TRAIN_LOG = "train.log"
 
 # Options that say how to run, not what to train: changing them between re-runs is fine.
-RUNTIME_OPTIONS = ("--device", "--num-workers", "--save-every")
+RUNTIME_OPTIONS = ("--device", "--num-workers", "--save-every", "--stop-after-steps", "--log-every")
 # Options the sweep sets itself for every student.
 SWEEP_OWNED_OPTIONS = ("--cache", "--student", "--out", "--resume")
 

@@ -1,0 +1,96 @@
+"""What the three pipelines share: arguments, timed steps, running kdcache commands, data splits."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # every model comes from a local folder
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(name: str, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"pipelines/{name}.py", description=description)
+    parser.add_argument("--small", action="store_true",
+                        help="a few minutes on 2 CPU cores (small corpus, few steps); default: the full run, meant for a GPU")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder [default: runs/{name}, or runs/{name}-small with --small]")
+    args = parser.parse_args()
+    if args.out is None:
+        args.out = REPO / "runs" / (f"{name}-small" if args.small else name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+class Pipeline:
+    """Prints each step with its wall time and keeps the timings for the closing summary."""
+
+    def __init__(self, name: str, out: Path):
+        self.name, self.out, self.start, self.steps = name, out, time.perf_counter(), []
+
+    @contextmanager
+    def step(self, title: str):
+        print(f"\n=== [{self.name}] {title}", flush=True)
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.steps.append((title, seconds))
+        print(f"=== [{self.name}] {title}: {seconds:.0f} s", flush=True)
+
+    def kdcache(self, *args) -> None:
+        """Run one kdcache command exactly as a user would type it (echoed); stop the pipeline if it fails."""
+        argv = [str(a) for a in args]
+        print("$ kdcache " + " ".join(argv), flush=True)
+        rc = subprocess.run([sys.executable, "-m", "kdcache", *argv]).returncode
+        if rc != 0:
+            sys.exit(f"[{self.name}] `kdcache {argv[0]}` failed (exit {rc}); fix the error above and re-run: "
+                     "finished steps are skipped")
+
+    def finish(self) -> None:
+        total = time.perf_counter() - self.start
+        print(f"\n=== [{self.name}] done in {total / 60:.1f} min; per step:")
+        for title, seconds in self.steps:
+            print(f"    {seconds:7.0f} s  {title}")
+        (self.out / "pipeline_timings.json").write_text(json.dumps(
+            {"total_seconds": total, "steps": [{"step": t, "seconds": s} for t, s in self.steps]}, indent=2) + "\n")
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != text:  # unchanged files keep the caches' identity
+        path.write_text(text)
+    return path
+
+
+def shakespeare_split(out: Path, train_chars: int | None, heldout_chars: int) -> tuple[Path, Path]:
+    """Tiny Shakespeare cut by position: the held-out text is the last `heldout_chars`, never trained on.
+
+    train_chars None = everything before the held-out part.
+    """
+    lines = (DATA / "tinyshakespeare.txt").read_text().splitlines()
+    heldout, size = [], 0
+    while lines and size < heldout_chars:
+        line = lines.pop()
+        heldout.insert(0, line)
+        size += len(line) + 1
+    train, size = [], 0
+    for line in lines:
+        if train_chars is not None and size >= train_chars:
+            break
+        train.append(line)
+        size += len(line) + 1
+    keep = lambda ls: [l for l in ls if l.strip()]
+    return write_lines(out / "data" / "train.txt", keep(train)), write_lines(out / "data" / "heldout.txt", keep(heldout))
+
+
+def show_report(runs: Path) -> None:
+    print(f"\nreport: {runs / 'report.md'}  plot: {runs / 'report.png'}")
