@@ -219,7 +219,8 @@ class CacheStream(IterableDataset):
         group = self.cache.row_groups[index]
         if group.shard not in self._files:
             self._files[group.shard] = pq.ParquetFile(self.cache.shard_paths[group.shard])
-        table = self._files[group.shard].read_row_group(group.group, columns=self._columns())
+        # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
+        table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
         self._last_group = (index, table)
         return table
 

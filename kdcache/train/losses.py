@@ -30,10 +30,10 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p * (safe_log_p - log_q)).sum(-1)
 
 
-def cached_kd_per_target(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+def cached_kd_per_target(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                          temperature: float, tail: str = "renorm") -> torch.Tensor:
-    """KD loss per target (already × T²) against the cached top-k teacher log-probs (T = 1)."""
-    log_q = (student_logits.float() / temperature).log_softmax(-1)
+    """KD loss per target (already × T²) against the cached top-k teacher log-probs (T = 1).
+    log_q: the student's full log-softmax at temperature T, (N, V)."""
     log_q_k = log_q.gather(1, topk_ids)
     teacher = topk_logprobs.float()
     if tail == "renorm":
@@ -54,9 +54,8 @@ def cached_kd_per_target(student_logits: torch.Tensor, topk_ids: torch.Tensor, t
     return kl * temperature ** 2
 
 
-def online_kd_per_target(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KD loss per target (× T²) against a live teacher's full softmax."""
-    log_q = (student_logits.float() / temperature).log_softmax(-1)
+def online_kd_per_target(log_q: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD loss per target (× T²) against a live teacher's full softmax; log_q as above."""
     log_p = (teacher_logits.float() / temperature).log_softmax(-1)
     return _kl(log_p, log_q) * temperature ** 2
 
@@ -86,14 +85,16 @@ class DistillLoss:
         return self.alpha > 0
 
     def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits):
-        logits = head(hidden)
-        kd = logits.new_zeros((), dtype=torch.float32)
+        logits = head(hidden).float()
+        log_q1 = logits.log_softmax(-1)  # T = 1: the hard term, and the KD term when T = 1 (one pass)
+        kd = logits.new_zeros(())
         if self.uses_soft_targets:
-            per_target = (online_kd_per_target(logits, teacher_logits, self.temperature) if teacher_logits is not None
-                          else cached_kd_per_target(logits, topk_ids, topk_logprobs, self.temperature, self.tail))
+            log_q = log_q1 if self.temperature == 1 else (logits / self.temperature).log_softmax(-1)
+            per_target = (online_kd_per_target(log_q, teacher_logits, self.temperature) if teacher_logits is not None
+                          else cached_kd_per_target(log_q, topk_ids, topk_logprobs, self.temperature, self.tail))
             kd = per_target.sum()
-        hard = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum") if (labels >= 0).any() \
-            else logits.new_zeros((), dtype=torch.float32)
+        # nll of log-probs; ignore_index=-1 makes an all-unknown chunk contribute 0.
+        hard = F.nll_loss(log_q1, labels, ignore_index=-1, reduction="sum")
         return torch.stack([kd, hard])
 
     def __call__(self, hidden: torch.Tensor, head, batch: dict, teacher_logits: torch.Tensor | None = None) -> LossOutput:
