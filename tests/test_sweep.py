@@ -18,12 +18,16 @@ def summary(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(tmp_path_factory, tiny_llama_clm, shakespeare_txt):
-    """A sweep cut short after 2 of 4 steps (--stop-after-steps), then the same sweep again."""
+    """A sweep cut short after 2 of 4 steps (--stop-after-steps), then the same sweep again.
+
+    The first run takes the one-student-per-GPU path (`--gpus 0,1`: two children at once, each with its
+    own CUDA_VISIBLE_DEVICES and log file); on a CPU-only machine the children simply train on the CPU.
+    """
     root = tmp_path_factory.mktemp("sweep")
     cache = dump(tiny_llama_clm, shakespeare_txt, root / "cache")
     runs = root / "runs"
     args = ["sweep", "--cache", cache, "--students", STUDENTS, "--out", runs, *TRAIN]
-    assert run_cli([*args, "--stop-after-steps", 2]) == 0
+    assert run_cli([*args, "--stop-after-steps", 2, "--gpus", "0,1"]) == 0
     after_stop = {name: summary(runs / name) for name in ("L2-H128", "wide")}
     assert run_cli(args) == 0
     return cache, runs, args, after_stop
@@ -42,6 +46,22 @@ def test_interrupted_students_resume_to_the_end(interrupted_then_resumed):
         assert final["tokens"] == 2 * after_stop[name]["tokens"]
         assert (runs / name / "model.safetensors").is_file()
     assert (runs / "wide" / "config.json").read_text().count('"hidden_size": 256') == 1
+    # The parallel first run logged each child to its own file.
+    for name in ("L2-H128", "wide"):
+        assert "stopped at step 2 of 4" in (runs / name / "train.log").read_text()
+
+
+def test_gpu_slots(monkeypatch):
+    from kdcache.errors import KdcacheError
+    from kdcache.sweep.launcher import gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert gpu_slots("auto") == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert gpu_slots("auto") == [None]  # one GPU: one run at a time, environment untouched
+    assert gpu_slots("cpu") == [None] and gpu_slots("0, 1") == ["0", "1"] and gpu_slots("1") == ["1"]
+    with pytest.raises(KdcacheError, match="mixes cpu"):
+        gpu_slots("cpu,0")
 
 
 def test_rerun_trains_only_the_unfinished_student(interrupted_then_resumed, tmp_path, capfd):
