@@ -300,8 +300,9 @@ class TeacherRunner:
         with torch.inference_mode():
             return self.model(**batch, **kwargs).logits
 
-    def __call__(self, rows) -> tuple[list, list[int]]:
-        """[(row, topk_ids, topk_logprobs)] and the example ids whose outputs were not finite."""
+    def launch(self, rows) -> tuple:
+        """Queue the forward and top-k of one batch; on CUDA this returns before the GPU is done,
+        so the host can prepare the next batch meanwhile (finish() waits)."""
         batch = self.collate(rows)
         logits = self.forward(batch)
         with torch.inference_mode():
@@ -310,10 +311,27 @@ class TeacherRunner:
                 counts = [1] * len(rows)
             else:
                 counts = [len(r.positions) for r in rows]
-                b = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts)).to(self.device, non_blocking=True)
-                p = torch.from_numpy(np.concatenate([r.positions for r in rows])).to(self.device, non_blocking=True)
-                ids, values, finite = topk_targets(logits, b, p, self.k)
-        ids, values, finite = ids.cpu().numpy(), values.cpu().numpy(), finite.cpu().numpy()
+                b = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
+                p = torch.from_numpy(np.concatenate([r.positions for r in rows]))
+                if self.pin:
+                    b, p = b.pin_memory(), p.pin_memory()
+                ids, values, finite = topk_targets(logits, b.to(self.device, non_blocking=True),
+                                                   p.to(self.device, non_blocking=True), self.k)
+            del logits  # the full-vocabulary logits stay on the device and are freed here
+            host = [t.to("cpu", non_blocking=self.pin) for t in (ids, values, finite)]
+        event = None
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+        return rows, counts, host, event
+
+    @staticmethod
+    def finish(pending) -> tuple[list, list[int]]:
+        """[(row, topk_ids, topk_logprobs)] and the example ids whose outputs were not finite."""
+        rows, counts, host, event = pending
+        if event is not None:
+            event.synchronize()
+        ids, values, finite = (t.numpy() for t in host)
         out, bad, start = [], [], 0
         for r, n in zip(rows, counts):
             out.append((r, ids[start:start + n], values[start:start + n]))
@@ -321,6 +339,9 @@ class TeacherRunner:
                 bad.append(r.example_id)
             start += n
         return out, bad
+
+    def __call__(self, rows) -> tuple[list, list[int]]:
+        return self.finish(self.launch(rows))
 
 
 # ---------------------------------------------------------------- main entry
@@ -393,19 +414,23 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
             batches = make_batches(lengths, batch_size=batch_size, max_tokens=max_tokens)
             padded += padded_tokens(lengths, batches)
             results = []
-            for batch in batches:
-                batch_rows = [rows[i] for i in batch]
-                got, bad = runner(batch_rows)
-                if bad:
-                    raise KdcacheError(
-                        f"the teacher produced NaN/inf logits for example ids {', '.join(map(str, bad[:10]))}"
-                        f"{' ...' if len(bad) > 10 else ''} (shard {shard}, dtype {dtype}); "
-                        "fp16 overflows are common: re-run with --dtype bf16 or --dtype fp32 (completed shards are kept)")
-                results.extend(got)
-                n = sum(lengths[i] for i in batch)
-                real += n
-                if bar is not None:
-                    bar.update(n)
+            pending = None
+            # One batch in flight: launch batch t+1 before collecting t (overlaps host work with the GPU).
+            for batch in batches + [None]:
+                launched = runner.launch([rows[i] for i in batch]) if batch is not None else None
+                if pending is not None:
+                    got, bad = runner.finish(pending)
+                    if bad:
+                        raise KdcacheError(
+                            f"the teacher produced NaN/inf logits for example ids {', '.join(map(str, bad[:10]))}"
+                            f"{' ...' if len(bad) > 10 else ''} (shard {shard}, dtype {dtype}); "
+                            "fp16 overflows are common: re-run with --dtype bf16 or --dtype fp32 (completed shards are kept)")
+                    results.extend(got)
+                    n = sum(len(r.input_ids) for r in pending[0])
+                    real += n
+                    if bar is not None:
+                        bar.update(n)
+                pending = launched
             writer.submit(shard, results)
     finally:
         try:
