@@ -26,7 +26,7 @@ def main():
     import torch
     torch.set_num_threads(args.threads)
     from dump_common import SHAKESPEARE, bert_mlm_teacher
-    from kdcache.dump.batching import make_batches, padded_tokens
+    from kdcache.dump.batching import MAX_PADDING_RATIO, make_batches, padded_tokens
     from kdcache.dump.corpus import load_corpus
     from kdcache.dump.rows import MaskingRecipe, RowPlan, tokenize_corpus
     from kdcache.dump.run import DEFAULT_MAX_TOKENS_PER_BATCH, DumpOptions, run_dump
@@ -45,18 +45,22 @@ def main():
     teacher = load_teacher(str(teacher_dir), load_weights=False)
     tokenized = tokenize_corpus(load_corpus(str(SHAKESPEARE)), teacher.tokenizer, task="mlm", max_length=128, packing=False)
     masking = MaskingRecipe(teacher.tokenizer, teacher.vocab_size, 0.15, 0)
-    for shard_rows, batch_size, max_tokens in ((4096, None, 8192), (4096, 32, None), (1024, 64, None), (256, 32, 4096)):
+    for shard_rows, batch_size, max_tokens, cap in ((4096, None, 8192, MAX_PADDING_RATIO), (4096, None, 8192, None),
+                                                    (4096, 32, None, MAX_PADDING_RATIO), (1024, 64, None, MAX_PADDING_RATIO),
+                                                    (256, 32, 4096, MAX_PADDING_RATIO)):
         plan = RowPlan(tokenized, task="mlm", max_length=128, packing=False, shard_rows=shard_rows, masking=masking)
-        real = padded = naive = 0
+        real = padded = naive = num_batches = 0
         for shard in range(plan.num_shards):
             lengths = [int(plan.lengths[r]) for r in plan.row_range(shard)]
             real += sum(lengths)
-            padded += padded_tokens(lengths, make_batches(lengths, batch_size=batch_size, max_tokens=max_tokens))
+            batches = make_batches(lengths, batch_size=batch_size, max_tokens=max_tokens, max_padding=cap)
+            num_batches += len(batches)
+            padded += padded_tokens(lengths, batches)
             size = batch_size or 32
             order = [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
             naive += padded_tokens(lengths, order)
-        print(f"planner --shard-rows {shard_rows} --batch-size {batch_size} --max-tokens-per-batch {max_tokens}: "
-              f"sorted {padded / real:.4f}, corpus order (batches of {batch_size or 32}) {naive / real:.4f}")
+        print(f"planner --shard-rows {shard_rows} --batch-size {batch_size} --max-tokens-per-batch {max_tokens}, padding cap {cap}: "
+              f"sorted {padded / real:.4f} in {num_batches} batches; corpus order (batches of {batch_size or 32}) {naive / real:.4f}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,25 @@ def test_help_lists_every_option(capsys):
                    "--dtype", "--device", "--batch-size", "--max-tokens-per-batch", "--shard-rows", "--seed",
                    "--limit", "--overwrite", "--dry-run"):
         assert option in text, option
+
+
+def test_batches_are_length_sorted_capped_and_cover_every_row():
+    import random
+
+    from kdcache.dump.batching import make_batches, padded_tokens
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 60) for _ in range(2000)]
+    for batch_size, max_tokens in ((32, None), (None, 1024), (64, 2048)):
+        batches = make_batches(lengths, batch_size=batch_size, max_tokens=max_tokens)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(flat, reverse=True)
+        for b in batches:
+            width = max(lengths[i] for i in b)
+            assert len(b) == 1 or ((not batch_size or len(b) <= batch_size)
+                                   and (not max_tokens or len(b) * width <= max_tokens))
+            assert len(b) * width <= 1.05 * sum(lengths[i] for i in b) or len(b) == 1
+        assert padded_tokens(lengths, batches) <= 1.05 * sum(lengths)
+    # the order inside a shard is a pure function of the lengths (ties by row order)
+    assert make_batches(lengths, max_tokens=1024) == make_batches(list(lengths), max_tokens=1024)
