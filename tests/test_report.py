@@ -110,3 +110,24 @@ def test_report_errors_are_one_line(report_setup, tmp_path, capfd):
     assert run_cli(["report", runs, "--eval-cache", tmp_path / "missing"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0]
+
+
+def test_eval_cache_of_another_teacher_is_refused(report_setup, tmp_path, capfd):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, runs, teacher = report_setup
+    other = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(2.0)  # same shapes and tokenizer, different weights
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp_path / "other")
+    held = tmp_path / "heldout.txt"
+    held.write_text("Speak the speech, I pray you, as I pronounced it to you,\ntrippingly on the tongue.\n" * 8)
+    other_eval = dump(tmp_path / "other", held, tmp_path / "other-eval")
+    before = (runs / "report.md").read_text() if (runs / "report.md").exists() else None
+    capfd.readouterr()
+    assert run_cli(["report", runs, "--eval-cache", other_eval]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was made with another teacher" in err[0]
+    assert ((runs / "report.md").read_text() if before is not None else None) == before

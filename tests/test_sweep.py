@@ -29,7 +29,8 @@ def interrupted_then_resumed(tmp_path_factory, tiny_llama_clm, shakespeare_txt):
     args = ["sweep", "--cache", cache, "--students", STUDENTS, "--out", runs, *TRAIN]
     assert run_cli([*args, "--stop-after-steps", 2, "--gpus", "0,1"]) == 0
     after_stop = {name: summary(runs / name) for name in ("L2-H128", "wide")}
-    assert run_cli(args) == 0
+    # The resumed run in parallel too (imports are single-threaded: two children cost one's wall time).
+    assert run_cli([*args, "--gpus", "0,1"]) == 0
     return cache, runs, args, after_stop
 
 

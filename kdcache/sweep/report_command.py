@@ -32,6 +32,16 @@ def teacher_dir(manifest: dict, override: Path | None) -> Path | None:
     return None
 
 
+def check_same_teacher(train_manifest: dict, train_dir: Path, eval_manifest: dict, eval_dir: Path) -> None:
+    """A held-out cache from another teacher or tokenizer would make every number in the report meaningless."""
+    for key, sub in (("teacher", "weights_sha256"), ("tokenizer", "sha256")):
+        a, b = (train_manifest.get(key) or {}).get(sub), (eval_manifest.get(key) or {}).get(sub)
+        if a and b and a != b:
+            raise KdcacheError(
+                f"--eval-cache {eval_dir} was made with another {key} than the students' cache {train_dir} "
+                f"({key}.{sub} differs); dump the held-out text with the same teacher")
+
+
 def teacher_row(manifest: dict, runs, metrics: dict | None) -> dict:
     """The teacher's line: its own evaluation when it could run, else what the eval cache itself says."""
     teacher = manifest.get("teacher") or {}
@@ -78,9 +88,21 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
         raise KdcacheError(f"eval cache {eval_cache} is incomplete; finish it by re-running its `kdcache dump-logits` command")
     task = eval_manifest.get("task")
 
+    caches = Counter(str(c) for c in (train_cache(r) for r in runs if r.mode == "cached KD") if c)
+    train_manifest = None
+    if caches:
+        train_cache_dir = Path(caches.most_common(1)[0][0])
+        try:
+            train_manifest = read_manifest(train_cache_dir)
+        except KdcacheError as e:
+            click.echo(f"[report] no amortisation: {e}", err=True)
+        else:
+            check_same_teacher(train_manifest, train_cache_dir, eval_manifest, eval_cache)
+
     for run in runs:
         click.echo(f"[report] evaluating {run.name} on {eval_cache}")
         run.metrics = evaluate_dir(run.path, eval_cache, run.path / EVAL_RECORD, fresh=fresh)
+    amort = amortisation(train_manifest, runs) if train_manifest is not None else None
 
     teacher_metrics = None
     tdir = teacher_dir(eval_manifest, teacher_override) if teacher_eval else None
@@ -94,14 +116,6 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     rows.sort(key=lambda r: (r.get("num_parameters") or 0, MODE_ORDER.get(r["mode"], 9), r["name"]))
     table = markdown_table(rows + [teacher])
 
-    caches = Counter(str(c) for c in (train_cache(r) for r in runs if r.mode == "cached KD") if c)
-    amort = None
-    if caches:
-        train_cache_dir = Path(caches.most_common(1)[0][0])
-        try:
-            amort = amortisation(read_manifest(train_cache_dir), runs)
-        except KdcacheError as e:
-            click.echo(f"[report] no amortisation: {e}", err=True)
 
     use_ppl = task in ("mlm", "clm") and any(r.get("perplexity") is not None for r in rows)
     metric, label = ("perplexity", "held-out perplexity (lower is better)") if use_ppl else (
