@@ -60,8 +60,9 @@ def reference_losses(student, teacher, rows, task, temperature, round_teacher_to
     return kd / n, ce / n_labelled
 
 
-@pytest.mark.parametrize("task", [MLM, CLM, CLS])
-def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, request, sms_csv, tmp_path):
+# T = 1 and T != 1 take different branches of the fused gradient; each task gets one of them.
+@pytest.mark.parametrize("task, temperature", [(MLM, 2.0), (CLM, 1.0), (CLS, 2.0)])
+def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, temperature, request, sms_csv, tmp_path):
     teacher_dir = request.getfixturevalue(TEACHERS[task])
     texts, labels = corpus(task, sms_csv)
     teacher = auto_class(task).from_pretrained(teacher_dir).eval()
@@ -71,7 +72,7 @@ def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, request,
     rows = pq.read_table(cache_dir / "data").to_pylist()
     batch = next(iter(CacheStream(cache, batch_size=len(rows), shuffle=False)))
     params = [p for p in student.parameters() if p.requires_grad]
-    temperature, alpha = 2.0, 0.7
+    alpha = 0.7
     # chunk_elements = 3 * vocab: several checkpointed chunks of 3 targets for the LM tasks.
     loss_fn = DistillLoss(temperature=temperature, alpha=alpha, chunk_elements=3 * vocab)
 
@@ -81,13 +82,19 @@ def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, request,
 
     kd_ref, ce_ref = reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16=True)
     ref = alpha * kd_ref + (1 - alpha) * ce_ref
-    ref_grads = torch.autograd.grad(ref, params)
+    ref_grads = torch.autograd.grad(ref, params, retain_graph=True)
     torch.testing.assert_close(cached.kd, kd_ref.detach(), rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(cached.hard, ce_ref.detach(), rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(cached.loss, ref, rtol=2e-5, atol=1e-7)
     for got, want in zip(cached_grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     assert cached.kd > 0 and sum(g.abs().sum() for g in cached_grads) > 0
+
+    # Hard labels only (alpha 0): the cross-entropy and its gradients alone.
+    hidden, head = target_hidden(student, task, batch)
+    hard_only = DistillLoss(alpha=0.0, chunk_elements=3 * vocab)(hidden, head, batch)
+    for got, want in zip(torch.autograd.grad(hard_only.loss, params), torch.autograd.grad(ce_ref, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
     # Online mode (live teacher on the same batch, full softmax): equals the unrounded reference.
     with torch.no_grad():

@@ -149,6 +149,9 @@ def train(cfg: TrainConfig) -> dict:
         return finished
     plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
                         teacher=cfg.teacher)
+    if cfg.init_from_teacher and plan.kind == "model":
+        raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
+                           "directory (drop --init-from-teacher to continue from its weights)")
     dist = distributed.setup(cfg.device)
     try:
         return _train(cfg, dist, cache, task, plan, out)

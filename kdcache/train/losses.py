@@ -60,6 +60,53 @@ def online_kd_per_target(log_q: torch.Tensor, teacher_logits: torch.Tensor, temp
     return _kl(log_p, log_q) * temperature ** 2
 
 
+class _SparseTargetCE(torch.autograd.Function):
+    """KL / cross-entropy against sparse target distributions, fused:
+
+      kd   = T² Σ_n Σ_j w[n,j] · (log w[n,j] - log softmax(z_n / T)[ids[n,j]])   (w: a distribution)
+      hard = Σ_n h[n] · -log softmax(z_n)[label_n]
+
+    Autograd through log_softmax + gather + nll would build several (N, V) tensors (log-probs,
+    one scattered gradient per term, their sum); the gradient here is formed in one buffer:
+    dz = h_sum·q₁ + T·w_sum·q_T − scatter(w·T, ids) − scatter(h, labels), q = softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, weights, log_weights, labels, label_weights, temperature):
+        lse1 = logits.logsumexp(-1, keepdim=True)
+        hard = (label_weights * (lse1 - logits.gather(1, labels))).sum()
+        lse_t = None
+        kd = logits.new_zeros(())
+        if ids is not None:
+            if temperature == 1:
+                lse_t, picked = lse1, logits.gather(1, ids)
+            else:
+                lse_t, picked = (logits / temperature).logsumexp(-1, keepdim=True), logits.gather(1, ids) / temperature
+            # Summed per element as a KL (not CE - entropy) so tiny divergences keep their precision.
+            kd = (weights * (log_weights - picked + lse_t)).sum() * temperature ** 2
+        ctx.temperature = temperature
+        ctx.save_for_backward(logits, ids, weights, labels, label_weights, lse1, lse_t)
+        return kd, hard
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_hard):
+        logits, ids, weights, labels, label_weights, lse1, lse_t = ctx.saved_tensors
+        t = ctx.temperature
+        hard_coef = grad_hard * label_weights  # (N, 1)
+        grad = torch.exp(logits - lse1)
+        if ids is None:
+            grad.mul_(hard_coef)
+        else:
+            kd_w = weights * (grad_kd * t)  # d kd / d z = T (q_T Σw - scatter(w))
+            if t == 1:
+                grad.mul_(hard_coef + kd_w.sum(-1, keepdim=True))
+            else:
+                grad.mul_(hard_coef).add_(torch.exp(logits / t - lse_t).mul_(kd_w.sum(-1, keepdim=True)))
+            grad.scatter_add_(1, ids, -kd_w)
+        grad.scatter_add_(1, labels, -hard_coef)
+        return grad, None, None, None, None, None, None
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor        # what to backpropagate
@@ -86,6 +133,19 @@ class DistillLoss:
 
     def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits):
         logits = head(hidden).float()
+        known = (labels >= 0).unsqueeze(-1)
+        labels_at = labels.clamp(min=0).unsqueeze(-1)
+        if teacher_logits is None and (not self.uses_soft_targets or self.tail == "renorm"):
+            if not self.uses_soft_targets:
+                _, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known.float(), 1.0)
+                return torch.stack([hard.new_zeros(()), hard])
+            log_p = (topk_logprobs.float() / self.temperature).log_softmax(-1)
+            p = log_p.exp()
+            safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))  # 0 · log 0 = 0
+            kd, hard = _SparseTargetCE.apply(logits, topk_ids, p, safe_log_p, labels_at, known.float(),
+                                             float(self.temperature))
+            return torch.stack([kd, hard])
+        # Online KD (dense teacher) and the rest bucket: plain autograd.
         log_q1 = logits.log_softmax(-1)  # T = 1: the hard term, and the KD term when T = 1 (one pass)
         kd = logits.new_zeros(())
         if self.uses_soft_targets:
