@@ -174,7 +174,9 @@ def load_teacher(teacher: str, *, task: str | None = None, dtype=None, device="c
         "weights_sha256": weights_fingerprint(folder, gguf_file),
         "num_parameters": None,
     }
-    if source != teacher and not Path(teacher).exists():
+    if gguf_file and Path(teacher).expanduser().is_file():
+        fingerprint["source"] = str(Path(teacher).expanduser().resolve())  # the .gguf file itself
+    elif source != teacher and not Path(teacher).exists():
         fingerprint["source"] = teacher  # hub id, not the snapshot folder
     teacher = Teacher(model=None, tokenizer=tokenizer, task=task, source=fingerprint["source"], gguf_file=gguf_file,
                    config=config, vocab_size=vocab_size, target_vocab_size=target_vocab,
@@ -195,6 +197,7 @@ def load_model(teacher: Teacher, *, dtype=None, device="cpu") -> None:
                            f"{(str(e).splitlines() or [''])[0]}; check --task") from None
     teacher.model = model.eval().to(device)
     teacher.fingerprint["num_parameters"] = sum(p.numel() for p in model.parameters())
+    teacher.fingerprint["architecture"] = teacher.fingerprint["architecture"] or type(model).__name__  # GGUF configs lack it
     if teacher.task != "seq-cls":
         # Some checkpoints pad the output layer beyond the tokenizer (e.g. to a multiple of 64).
         out_size = int(model.get_output_embeddings().weight.shape[0])
