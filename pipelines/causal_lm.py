@@ -44,9 +44,9 @@ def main():
     dump = ["--teacher", teacher, "--task", "clm", "--max-length", size["max_length"], "--top-k", 64,
             "--batch-size", size["dump_batch"]]
     with p.step("stage one: dump the teacher's top-64 soft targets (train cache)"):
-        p.kdcache("dump-logits", *dump, "--data", train_txt, "--out", out / "cache")
+        p.dump_logits(out / "cache", *dump, "--data", train_txt)
     with p.step("stage one: held-out cache for evaluation"):
-        p.kdcache("dump-logits", *dump, "--data", heldout_txt, "--out", out / "eval-cache")
+        p.dump_logits(out / "eval-cache", *dump, "--data", heldout_txt)
 
     runs = out / "runs"
     train = ["--epochs", size["epochs"], "--batch-size", size["batch"], "--lr", size["lr"], "--seed", 0,

@@ -72,9 +72,9 @@ def main():
     dump = ["--teacher", teacher, "--task", "seq-cls", "--text-column", "text", "--label-column", "label",
             "--max-length", 64, "--batch-size", 32]
     with p.step("stage one: soft labels on labelled + transfer set (train cache)"):
-        p.kdcache("dump-logits", *dump, "--data", train_file, "--out", out / "cache")
+        p.dump_logits(out / "cache", *dump, "--data", train_file)
     with p.step("stage one: held-out test cache"):
-        p.kdcache("dump-logits", *dump, "--data", test_file, "--out", out / "eval-cache")
+        p.dump_logits(out / "eval-cache", *dump, "--data", test_file)
 
     runs = out / "runs"
     train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--lr", 1e-3, "--temperature", 2, "--seed", 0]

@@ -54,6 +54,18 @@ class Pipeline:
             sys.exit(f"[{self.name}] `kdcache {argv[0]}` failed (exit {rc}); fix the error above and re-run: "
                      "finished steps are skipped")
 
+    def dump_logits(self, out: Path, *args) -> None:
+        """`kdcache dump-logits ... --out OUT`, skipped when OUT already holds a complete cache.
+
+        (A no-op re-run would resume fine, but it would also replace the manifest's record of the
+        dump's time and teacher rate, which the report's amortisation reads.)
+        """
+        manifest = Path(out) / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+            print(f"cache {out} is complete; skipped (delete it to dump again)", flush=True)
+            return
+        self.kdcache("dump-logits", *args, "--out", out)
+
     def finish(self) -> None:
         total = time.perf_counter() - self.start
         print(f"\n=== [{self.name}] done in {total / 60:.1f} min; per step:")

@@ -58,9 +58,9 @@ def main():
     dump = ["--teacher", teacher, "--task", "mlm", "--max-length", size["max_length"], "--top-k", 64,
             "--batch-size", 32, "--seed", 0]
     with p.step(f"stage one: MLM cache, {size['mask_copies']} masked copies of every sequence"):
-        p.kdcache("dump-logits", *dump, "--mask-copies", size["mask_copies"], "--data", train_txt, "--out", out / "cache")
+        p.dump_logits(out / "cache", *dump, "--mask-copies", size["mask_copies"], "--data", train_txt)
     with p.step("stage one: held-out MLM cache"):
-        p.kdcache("dump-logits", *dump, "--mask-copies", 1, "--data", heldout_txt, "--out", out / "eval-cache")
+        p.dump_logits(out / "eval-cache", *dump, "--mask-copies", 1, "--data", heldout_txt)
 
     runs = out / "runs"
     half = half_depth_config(teacher, out / "students" / "half-depth" / "config.json")

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 @dataclass
 class Amortisation:
-    dump_seconds: float           # measured: the one teacher pass that wrote the train cache
+    dump_seconds: float           # the one teacher pass that wrote the train cache
     teacher_tokens_per_second: float  # measured teacher forward rate during that dump
     student_tokens: list[int]     # tokens each cached-KD student trained on
     measured_online: list[tuple[str, float, str, float]]  # (online run, seconds, cached run, seconds)
+    dump_estimated: bool = False  # the dump ran in several sessions: its time = cache tokens / measured rate
 
     @property
     def online_teacher_seconds(self) -> float:
@@ -22,9 +23,11 @@ class Amortisation:
 
     def lines(self) -> list[str]:
         n = len(self.student_tokens)
+        took = ("would take" if self.dump_estimated else "took")
         out = [
-            f"Teacher paid once: the dump took {self.dump_seconds:.1f} s "
-            f"({self.teacher_tokens_per_second:,.0f} tokens/s teacher forward, measured).",
+            f"Teacher paid once: the dump {took} {self.dump_seconds:.1f} s "
+            f"({self.teacher_tokens_per_second:,.0f} tokens/s teacher forward, measured"
+            + ("; the dump ran in several sessions, so its time is the cache's tokens at that rate)." if self.dump_estimated else ")."),
             f"Online KD would run the teacher over every token each student trains on: {n} student"
             f"{'s' if n != 1 else ''} × {sum(self.student_tokens) / max(n, 1):,.0f} tokens on average = "
             f"{sum(self.student_tokens):,} tokens ÷ {self.teacher_tokens_per_second:,.0f} tokens/s = "
@@ -42,12 +45,20 @@ class Amortisation:
         return out
 
 
-def amortisation(manifest: dict, runs) -> Amortisation | None:
-    """From the train cache's manifest and the finished runs; None when the manifest lacks dump timing."""
+def amortisation(manifest: dict, runs, cache_tokens: int | None = None) -> Amortisation | None:
+    """From the train cache's manifest and the finished runs; None when the manifest lacks dump timing.
+
+    The manifest's `dump` block describes the last dump-logits session only; when that session did
+    not process the whole cache (a resumed dump), the one-pass time is the cache's tokens at the
+    measured rate.
+    """
     dump = manifest.get("dump") or {}
-    seconds, rate = dump.get("seconds"), dump.get("tokens_per_second")
+    seconds, rate, processed = dump.get("seconds"), dump.get("tokens_per_second"), dump.get("real_tokens")
     if not seconds or not rate:
         return None
+    estimated = bool(cache_tokens and processed is not None and processed < cache_tokens)
+    if estimated:
+        seconds = cache_tokens / rate
     cached = [r for r in runs if r.mode == "cached KD"]
     tokens = [int(r.summary.get("tokens") or 0) for r in cached]
     measured = []
@@ -56,4 +67,19 @@ def amortisation(manifest: dict, runs) -> Amortisation | None:
                      and r.summary.get("steps") == online.summary.get("steps")), None)
         if twin and online.summary.get("seconds") and twin.summary.get("seconds"):
             measured.append((online.name, float(online.summary["seconds"]), twin.name, float(twin.summary["seconds"])))
-    return Amortisation(float(seconds), float(rate), tokens, measured)
+    return Amortisation(float(seconds), float(rate), tokens, measured, estimated)
+
+
+def cache_tokens(cache_dir) -> int:
+    """Tokens the teacher saw for a cache: the summed lengths of every row's input_ids."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    from ..cache.schema import INPUT_IDS, SHARD_DIR
+
+    total = 0
+    for shard in sorted((Path(cache_dir) / SHARD_DIR).glob("*.parquet")):
+        column = pq.read_table(shard, columns=[INPUT_IDS]).column(INPUT_IDS)
+        total += int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+    return total

@@ -8,7 +8,7 @@ import click
 
 from ..cache.manifest import atomic_write_bytes, read_manifest
 from ..errors import KdcacheError
-from .amortise import amortisation
+from .amortise import amortisation, cache_tokens
 from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
 from .plot import plot_report
 from .table import markdown_table
@@ -102,7 +102,7 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     for run in runs:
         click.echo(f"[report] evaluating {run.name} on {eval_cache}")
         run.metrics = evaluate_dir(run.path, eval_cache, run.path / EVAL_RECORD, fresh=fresh)
-    amort = amortisation(train_manifest, runs) if train_manifest is not None else None
+    amort = amortisation(train_manifest, runs, cache_tokens(train_cache_dir)) if train_manifest is not None else None
 
     teacher_metrics = None
     tdir = teacher_dir(eval_manifest, teacher_override) if teacher_eval else None
