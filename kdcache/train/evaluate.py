@@ -22,13 +22,13 @@ from ..cache.stream import CacheStream, open_cache
 from ..errors import KdcacheError
 from .forward import target_hidden
 from .losses import DEFAULT_CHUNK_ELEMENTS
-from .students import auto_class
+from .students import auto_class, load_pretrained
 
 
 def load_model(model_dir: Path, cache, device):
     task = cache.task
     try:
-        model = auto_class(task).from_pretrained(model_dir, dtype=torch.float32)
+        model = load_pretrained(auto_class(task), model_dir, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise KdcacheError(f"cannot load a {task} model from {model_dir} ({str(e).splitlines()[0]}); "
                            "pass a directory written by `kdcache train-student` or save_pretrained") from None

@@ -22,7 +22,7 @@ from ..errors import KdcacheError
 from . import checkpoint, distributed
 from .forward import target_hidden, target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
-from .students import Sizes, auto_class, build_student, init_from_teacher, plan_student
+from .students import Sizes, auto_class, build_student, init_from_teacher, load_pretrained, plan_student
 
 SUMMARY = "train_summary.json"
 METRICS = "metrics.jsonl"
@@ -121,7 +121,7 @@ def _check_out_dir(out: Path, resume: bool) -> dict | None:
 
 def _load_teacher(path: Path, task: str, cache, device):
     try:
-        teacher = auto_class(task).from_pretrained(path, dtype=torch.float32)
+        teacher = load_pretrained(auto_class(task), path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise KdcacheError(f"--online-teacher {path}: cannot load a {task} model ({str(e).splitlines()[0]}); "
                            "pass the teacher's save_pretrained directory") from None

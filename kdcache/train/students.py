@@ -53,12 +53,29 @@ class StudentPlan:
     notes: list[str] = field(default_factory=list)
 
 
+def split_gguf(path: str | Path, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name) for from_pretrained: a path to a .gguf file becomes its
+    folder plus the file name (transformers' gguf_file= convention)."""
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        return str(p.parent), p.name
+    return str(path), gguf_file
+
+
+def load_pretrained(cls, path: str | Path, **kwargs):
+    """cls.from_pretrained for a model directory, hub id or .gguf file."""
+    source, gguf = split_gguf(path)
+    return cls.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}), **kwargs)
+
+
 def teacher_source(manifest: dict, override: str | Path | None) -> tuple[str | None, str | None]:
-    """(path or hub id, gguf file) of the teacher: --teacher wins over the manifest."""
+    """(folder or hub id, gguf file) of the teacher: --teacher wins over the manifest (whose
+    GGUF source is the .gguf file itself)."""
     if override is not None:
-        return str(override), None
+        return split_gguf(override)
     teacher = manifest.get("teacher") or {}
-    return teacher.get("source"), teacher.get("gguf_file")
+    source = teacher.get("source")
+    return split_gguf(source, teacher.get("gguf_file")) if source else (None, None)
 
 
 def teacher_config(manifest: dict, override=None):
