@@ -6,6 +6,7 @@ so example ids trace back to the user's data even after empty rows are dropped.
 """
 from __future__ import annotations
 
+import csv
 import glob as globlib
 import hashlib
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ def _load_local(files: list[Path], data: str, split: str):
     if len(builders) > 1 or (".tsv" in suffixes and ".csv" in suffixes):
         raise KdcacheError(f"--data {data} mixes file types {sorted(suffixes)}; point at one kind of file")
     builder = builders.pop()
-    kwargs = {"delimiter": "\t"} if ".tsv" in suffixes else {}
+    # TSV: tabs only, no quote handling (csv.QUOTE_NONE); quotes inside texts are data, e.g. in SMS Spam.
+    kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ".tsv" in suffixes else {}
     try:
         return datasets.load_dataset(builder, data_files={split: [str(p.resolve()) for p in files]}, split=split, **kwargs)
     except Exception as e:  # noqa: BLE001 - a parse failure of the user's file is a user error

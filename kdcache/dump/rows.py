@@ -143,7 +143,12 @@ class RowPlan:
 
     def shard_tokens(self, shard: int) -> int:
         """Real (unpadded) tokens the teacher sees for this shard."""
-        return sum(self.view_length(r // self.copies) for r in self.row_range(shard))
+        rows_ = self.row_range(shard)
+        views = np.arange(rows_.start, rows_.stop) // self.copies
+        if self.packing:
+            last = self.num_views - 1
+            return int(np.where(views == last, self.view_length(last), self.max_length).sum())
+        return int(self.lengths[views].sum())
 
     def _stream(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the concatenated corpus, read from the few examples that hold them."""

@@ -386,8 +386,9 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
             if clear:
                 clear_cache(out)
             remove_partial_files(out)
-            teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
+            # Manifest first: a run killed right after still leaves a directory recognised as this cache.
             atomic_write_json(manifest_path(out), with_shards(manifest, out))
+            teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
         except KdcacheError as e:
             error = str(e)
     dist.share_error(error)
