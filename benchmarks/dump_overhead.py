@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--max-tokens-per-batch", type=int, default=2048)
     ap.add_argument("--shard-rows", type=int, default=12)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "kdcache-bench"))
     args = ap.parse_args()
 
@@ -48,26 +50,33 @@ def main():
     corpus = work / "overhead_corpus.txt"
     corpus.write_text("\n".join(SHAKESPEARE.read_text().splitlines()[:args.rows * args.max_length // 9]) + "\n")
     common = dict(teacher=str(teacher_dir), data=str(corpus), max_length=args.max_length, top_k=args.top_k,
-                  shard_rows=args.shard_rows, max_tokens_per_batch=args.max_tokens_per_batch, device="cpu",
+                  shard_rows=args.shard_rows, max_tokens_per_batch=args.max_tokens_per_batch, device=args.device,
+                  dtype=args.dtype,
                   progress=False, echo=lambda *a, **k: None)
 
     # The exact batches dump-logits forms, built with its own planner.
-    teacher = load_teacher(str(teacher_dir), dtype=torch.float32)
+    from kdcache.dump.run import DTYPES, resolve_dtype
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    teacher = load_teacher(str(teacher_dir), dtype=DTYPES[dtype], device=device)
     tok_ds = tokenize_corpus(load_corpus(str(corpus)), teacher.tokenizer, task="mlm", max_length=args.max_length, packing=True)
     plan = RowPlan(tok_ds, task="mlm", max_length=args.max_length, packing=True, shard_rows=args.shard_rows,
                    masking=MaskingRecipe(teacher.tokenizer, teacher.vocab_size, 0.15, 0))
-    runner = TeacherRunner(teacher, "mlm", args.top_k, torch.device("cpu"), teacher.tokenizer.pad_token_id)
+    runner = TeacherRunner(teacher, "mlm", args.top_k, device, teacher.tokenizer.pad_token_id)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shards = [plan.rows(i) for i in range(plan.num_shards)]
     batches = [[rows[i] for i in b] for rows in shards
                for b in make_batches([len(r.input_ids) for r in rows], max_tokens=args.max_tokens_per_batch)]
     real = sum(len(r.input_ids) for b in batches for r in b)
     print(f"teacher: BERT-base shape, {teacher.fingerprint['num_parameters'] or sum(p.numel() for p in teacher.model.parameters()):,} params; "
-          f"{plan.num_rows} rows, {real:,} tokens, {len(batches)} batches, {plan.num_shards} shards; torch threads {args.threads}")
+          f"{plan.num_rows} rows, {real:,} tokens, {len(batches)} batches, {plan.num_shards} shards; torch threads {args.threads}; "
+          f"device {device}, dtype {dtype}")
 
     def bare():
         t, c = time.perf_counter(), time.process_time()
         for b in batches:
             runner.forward(runner.collate(b))
+        sync()
         return time.perf_counter() - t, time.process_time() - c
 
     def dumped():
