@@ -70,3 +70,23 @@ def test_batches_are_length_sorted_capped_and_cover_every_row():
         assert padded_tokens(lengths, batches) <= 1.05 * sum(lengths)
     # the order inside a shard is a pure function of the lengths (ties by row order)
     assert make_batches(lengths, max_tokens=1024) == make_batches(list(lengths), max_tokens=1024)
+
+
+def test_on_device_targets_equal_fp32_log_softmax_and_flag_only_nan_or_plus_inf():
+    import torch
+
+    from kdcache.dump.targets import topk_targets
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 300).half() * 8
+    logits[0, 1, 3] = float("inf")
+    logits[1, 2, 4] = float("nan")
+    logits[1, 3, :10] = float("-inf")  # vocabulary masking: legitimate
+    b, p = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 3, 5])
+    ids, values, finite = topk_targets(logits, b, p, 16)
+    assert finite.tolist() == [True, False, False, True, True]
+    assert ids.dtype == torch.int32 and values.dtype == torch.float16
+    ref = torch.log_softmax(logits[b, p].float(), dim=-1).topk(16)
+    ok = finite.nonzero().flatten()
+    assert torch.equal(ids[ok].long(), ref.indices[ok])
+    assert torch.allclose(values[ok].float(), ref.values[ok], rtol=1e-3, atol=1e-3)

@@ -19,8 +19,10 @@ def topk_targets(logits: torch.Tensor, batch_index: torch.Tensor | None, positio
     sequence classification (indices None: one target per row).
     """
     selected = logits if batch_index is None else logits[batch_index, position_index]
-    selected = selected.float()
-    finite = torch.isfinite(selected).all(dim=-1)
-    logprobs = torch.log_softmax(selected, dim=-1)
+    # fp32 math without materialising an fp32 copy of the selected logits first (one pass fewer).
+    logprobs = torch.log_softmax(selected, dim=-1, dtype=torch.float32)
     values, ids = torch.topk(logprobs, k, dim=-1, largest=True, sorted=True)
+    # A NaN logit makes the whole row NaN, a +inf logit makes the top value inf - inf = NaN, so the top
+    # value alone tells; -inf logits (vocabulary masking some models do) are legitimate and pass.
+    finite = torch.isfinite(values[:, 0])
     return ids.to(torch.int32), values.clamp(min=FP16_MIN).to(torch.float16), finite
