@@ -77,16 +77,17 @@ def main():
         p.dump_logits(out / "eval-cache", *dump, "--data", test_file)
 
     runs = out / "runs"
-    train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--lr", 1e-3, "--temperature", 2, "--seed", 0]
+    train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--lr", 1e-3, "--temperature", 2, "--seed", 0,
+             "--save-every", 50]
     smallest = size["students"][0]
-    with p.step(f"stage two: sweep {len(size['students'])} students with KD from the cache"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", ",".join(size["students"]), "--out", runs, *train)
     with p.step(f"baseline: {smallest} on hard labels only (labelled rows only; no teacher)"):
         p.kdcache("sweep", "--cache", out / "cache", "--students", f"{smallest}-hard={smallest}", "--out", runs,
                   *train, "--alpha", 0)
     with p.step(f"baseline: {smallest} with online KD (teacher in the loop, same steps)"):
         p.kdcache("sweep", "--cache", out / "cache", "--students", f"{smallest}-online={smallest}", "--out", runs,
                   *train, "--online-teacher", teacher)
+    with p.step(f"stage two: sweep {len(size['students'])} students with KD from the cache"):
+        p.kdcache("sweep", "--cache", out / "cache", "--students", ",".join(size["students"]), "--out", runs, *train)
     with p.step("report: held-out accuracy of every student and the teacher"):
         p.kdcache("report", runs, "--eval-cache", out / "eval-cache")
     show_report(runs)
