@@ -2,7 +2,9 @@
 Goal: peak(10x) / peak(1x) <= 1.1 (memory bounded by row groups + shuffle window, not the cache).
 
 Each run is a fresh `python -m kdcache train-student` process (1 loader worker); its process
-tree's resident memory (main + worker) is sampled every 50 ms with psutil.
+tree's memory (PSS, so pages the forked worker shares with its parent count once) is sampled
+every 50 ms with psutil. A cache smaller than the shuffle buffer never fills it, so compare
+caches that are both larger than --shuffle-buffer to see the steady state.
 
     python benchmarks/train_memory.py [--rows 800] [--scale 10]
 """
@@ -23,7 +25,7 @@ from train_common import REPO, command_line, synthetic_cache
 
 
 def peak_rss(cmd: list[str], env: dict) -> tuple[float, float, float]:
-    """(peak RSS of the process tree, peak RSS of the main process, seconds), in MiB."""
+    """(peak PSS of the process tree, peak PSS of the main process, seconds), in MiB."""
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     main = psutil.Process(proc.pid)
     peak_tree = peak_main = 0
@@ -31,7 +33,8 @@ def peak_rss(cmd: list[str], env: dict) -> tuple[float, float, float]:
     while proc.poll() is None:
         try:
             procs = [main] + main.children(recursive=True)
-            rss = [p.memory_info().rss for p in procs]
+            # PSS: pages shared by the forked worker and its parent are counted once in the sum.
+            rss = [p.memory_full_info().pss for p in procs]
             peak_tree, peak_main = max(peak_tree, sum(rss)), max(peak_main, rss[0])
         except psutil.Error:
             pass
@@ -78,6 +81,8 @@ def main():
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--shuffle-buffer", type=int, default=2048)
+    ap.add_argument("--skip-logits", action="store_true", help="skip the output-layer memory table")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_memory_"))
@@ -92,16 +97,19 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "kdcache", "train-student", "--cache", str(cache), "--student", "L2-H128",
                "--out", str(out), "--epochs", "1", "--batch-size", str(args.batch_size), "--num-workers", "1",
-               "--device", "cpu"]
+               "--device", "cpu", "--shuffle-buffer", str(args.shuffle_buffer)]
         size = sum(p.stat().st_size for p in (cache / "data").glob("*.parquet")) / 2**20
         tree, main_only, seconds = peak_rss(cmd, env)
         results[factor] = tree
-        print(f"x{factor}: {rows:,} rows, {size:,.1f} MiB of shards: peak RSS {tree:,.0f} MiB (main process "
+        print(f"x{factor}: {rows:,} rows, {size:,.1f} MiB of shards, shuffle buffer {args.shuffle_buffer}: "
+              f"peak PSS {tree:,.0f} MiB (main process "
               f"{main_only:,.0f} MiB) in {seconds:.0f} s", flush=True)
-    print(f"\n| cache | peak RSS (main + worker) | ratio (goal ≤ 1.1) |\n|---|---:|---:|")
+    print(f"\n| cache (shuffle buffer {args.shuffle_buffer} rows) | peak PSS (main + worker) | ratio (goal ≤ 1.1) |\n|---|---:|---:|")
     for factor, tree in results.items():
         print(f"| {factor}× ({args.rows * factor:,} rows) | {tree:,.0f} MiB | {tree / results[1]:.3f} |")
 
+    if args.skip_logits:
+        return
     # The CLM output layer: chunked + checkpointed vs (batch x length x vocab) logits all at once.
     vocab, batch, length = 32000, 16, 256
     full = step_peak_mib(vocab, batch, length, args.k, 1 << 62, env)

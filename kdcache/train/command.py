@@ -71,6 +71,9 @@ Examples:
               help="Autocast on CUDA (auto: bf16 where supported, else fp16). CPU trains in fp32.")
 @click.option("--num-workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="DataLoader worker processes decoding the cache.")
+@click.option("--shuffle-buffer", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Rows shuffled together within a worker (with the row-group order shuffled too); "
+                   "bounds the loader's memory.")
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Steps between metrics.jsonl lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the train summary as JSON at the end.")
