@@ -6,11 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from dump_helpers import dump, manifest, one_torch_thread, read_rows  # noqa: F401 (autouse fixture)
+from dump_helpers import dump, manifest, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def snapshot(directory: Path) -> dict:
