@@ -55,12 +55,25 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
+# Where the teacher or corpus lives is not what it is: a moved teacher folder or corpus file with
+# the same checksums still resumes. (Paths are compared only when no checksum exists.)
+LOCATION_KEYS = {"teacher": ("source", "gguf_file"), "data": ("source",)}
+CHECKSUM_KEYS = {"teacher": "weights_sha256", "data": "content_sha256"}
+
+
 def identity(manifest: dict) -> dict:
-    return {key: manifest.get(key) for key in IDENTITY_KEYS}
+    out = {}
+    for key in IDENTITY_KEYS:
+        value = manifest.get(key)
+        if key in LOCATION_KEYS and isinstance(value, dict) and value.get(CHECKSUM_KEYS[key]):
+            value = {sub: v for sub, v in value.items() if sub not in LOCATION_KEYS[key]}
+        out[key] = value
+    return out
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
     """Names of identity keys (dotted for nested dicts) whose values differ."""
+    old, new = identity(old), identity(new)
     diffs = []
     for key in IDENTITY_KEYS:
         a, b = old.get(key), new.get(key)
