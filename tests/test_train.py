@@ -183,12 +183,15 @@ def test_torchrun_two_processes_on_cpu(mlm, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "kdcache", *map(str, train_args(mlm["train"], out, "--max-steps", 6, "--save-every", 3,
+           "-m", "kdcache", *map(str, train_args(mlm["train"], out, "--epochs", 1, "--save-every", 3,
                                                 "--num-workers", 1, "--device", "cpu"))]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["done"] and summary["world_size"] == 2 and summary["steps"] == 6
+    # --epochs 1 became the step count of the rank with the fewest batches, the same on both ranks.
+    from kdcache.cache.stream import CacheStream
+    expected = CacheStream(mlm["train"], batch_size=16, world_size=2, num_workers=1).min_batches_per_epoch()
+    assert summary["done"] and summary["world_size"] == 2 and summary["steps"] == expected > 3
     from transformers import AutoModelForMaskedLM
     assert AutoModelForMaskedLM.from_pretrained(out).config.vocab_size == 400
     assert list(out.glob("*.safetensors")) == [out / "model.safetensors"]
