@@ -26,7 +26,7 @@ from common import Pipeline, parse_args, shakespeare_split, show_report  # noqa:
 from teachers import minilm_encoder, mlm_teacher  # noqa: E402
 
 SMALL = dict(train_chars=60_000, heldout_chars=16_000, head_steps=30, train_encoder=False, max_length=64,
-             mask_copies=2, steps=100, batch=16)
+             mask_copies=2, steps=60, batch=16)
 FULL = dict(train_chars=None, heldout_chars=100_000, head_steps=3000, train_encoder=True, max_length=128,
             mask_copies=5, steps=3000, batch=64)
 
