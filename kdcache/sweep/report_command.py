@@ -125,7 +125,7 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     teacher_info = eval_manifest.get("teacher") or {}
     totals = eval_manifest.get("totals") or {}
     md = [
-        f"# kdcache report: {Path(runs_dir).name}",
+        f"# kdcache report: `{runs_dir}`",
         "",
         f"Task `{task}`; teacher `{teacher_info.get('source')}`"
         + (f" ({teacher_info['gguf_file']})" if teacher_info.get("gguf_file") else "")
