@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.shards import file_sha256
 from ..errors import KdcacheError
 
 # Head class name suffix -> task. The suffix is what transformers' Auto classes key on.
@@ -34,14 +35,6 @@ class Teacher:
 
 def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_source(teacher: str) -> tuple[str, str | None, Path | None]:
