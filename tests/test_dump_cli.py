@@ -23,16 +23,22 @@ def test_rerun_resumes_and_overwrite_replaces(tmp_path, tiny_bert_mlm, shakespea
     out = tmp_path / "cache"
     dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
     first = read_rows(out)
+    first_run = manifest(out)["dump"]
+    assert first_run["real_tokens"] > 0 and first_run["seconds"] > 0
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
-    # identical re-run: nothing to do, nothing rewritten
+    # identical re-run: nothing to do, nothing rewritten, and the record of the real run is kept
     _, text, _ = dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
     assert "this run processed 0 tokens" in text
     assert {p: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")} == mtimes
-    # a missing shard is redone, the rest kept
+    assert manifest(out)["dump"] == first_run
+    # a missing shard is redone, the rest kept; the record adds this session to the earlier one
     (out / "data" / "_part-00002.stats.json").unlink()
     _, text, _ = dump(tiny_bert_mlm, shakespeare_txt, out, *ARGS, capsys=capsys)
     assert "resuming" in text and manifest(out)["complete"]
     assert_same_rows(read_rows(out), first)
+    both = manifest(out)["dump"]
+    assert both["sessions"] == 2 and both["seconds"] > first_run["seconds"]
+    assert first_run["real_tokens"] < both["real_tokens"] < 2 * first_run["real_tokens"]
     # --overwrite with another k replaces the cache
     args = [a if a != 8 else 4 for a in ARGS]
     dump(tiny_bert_mlm, shakespeare_txt, out, *args, "--overwrite", capsys=capsys)

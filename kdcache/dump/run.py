@@ -379,9 +379,12 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
         return dry_run(plan, manifest, arrow_schema, echo)
 
     error = None
+    previous_run = {}
     if dist.rank == 0:
         try:
             clear = check_output_dir(out, manifest, opts.overwrite)
+            if not clear and manifest_path(out).is_file():
+                previous_run = read_manifest(out).get("dump") or {}  # earlier sessions of this same cache
             check_writable(out)
             if clear:
                 clear_cache(out)
@@ -447,13 +450,30 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
                 "padding_ratio": round(padded / real, 4) if real else None,
                 "batch_size": batch_size, "max_tokens_per_batch": max_tokens}
     final = with_shards(manifest, out)
-    final["dump"] = run_info
+    final["dump"] = accumulate_runs(previous_run, run_info)
     if dist.rank == 0:
         atomic_write_json(manifest_path(out), final)
     summary = summarize(final, run_info, out)
     echo(summary)
     return DumpResult(final, final["totals"]["rows"], final["totals"]["positions"], plan.num_shards,
                       real, padded, seconds, summary)
+
+
+def accumulate_runs(previous: dict, current: dict) -> dict:
+    """The manifest's `dump` record covers every session that built this cache: a resumed dump adds its
+    time and tokens to the earlier ones, and a re-run that had nothing left to do changes nothing.
+    (Under torchrun these are rank 0's figures.)"""
+    if not previous.get("real_tokens"):
+        return current
+    if not current["real_tokens"]:
+        return previous
+    merged = dict(current)
+    for key in ("seconds", "real_tokens", "padded_tokens"):
+        merged[key] = round(previous.get(key, 0) + current[key], 3)
+    merged["tokens_per_second"] = round(merged["real_tokens"] / merged["seconds"], 1) if merged["seconds"] > 0 else None
+    merged["padding_ratio"] = round(merged["padded_tokens"] / merged["real_tokens"], 4)
+    merged["sessions"] = previous.get("sessions", 1) + 1
+    return merged
 
 
 def make_bar(total: int, progress: bool, dist: Dist):
