@@ -406,7 +406,7 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
             atomic_write_json(manifest_path(out), with_shards(manifest, out))
 
     runner = TeacherRunner(teacher, task, k, device, pad_id=teacher.tokenizer.pad_token_id or 0)
-    writer = ShardWriter(out, arrow_schema, k, on_written=on_written)
+    writer = ShardWriter(out, arrow_schema, k, on_written=on_written, threads=writer_threads(device))
     total_tokens = sum(plan.shard_tokens(i) for i in mine)
     real, padded = 0, 0
     start = time.perf_counter()
@@ -457,6 +457,14 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
     echo(summary)
     return DumpResult(final, final["totals"]["rows"], final["totals"]["positions"], plan.num_shards,
                       real, padded, seconds, summary)
+
+
+def writer_threads(device: torch.device) -> int:
+    """One shard writer on CPU (the teacher needs the cores); on a GPU the host only feeds it, and
+    one writer thread would cap the dump at ~100k positions/s, so use a few."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def accumulate_runs(previous: dict, current: dict) -> dict:
