@@ -10,7 +10,7 @@ class Amortisation:
     teacher_tokens_per_second: float  # measured teacher forward rate during that dump
     student_tokens: list[int]     # tokens each cached-KD student trained on
     measured_online: list[tuple[str, float, str, float]]  # (online run, seconds, cached run, seconds)
-    dump_estimated: bool = False  # the dump ran in several sessions: its time = cache tokens / measured rate
+    dump_estimated: bool = False  # the record covers part of the cache (torchrun: rank 0's share): time = cache tokens / rate
 
     @property
     def online_teacher_seconds(self) -> float:
@@ -27,7 +27,8 @@ class Amortisation:
         out = [
             f"Teacher paid once: the dump {took} {self.dump_seconds:.1f} s "
             f"({self.teacher_tokens_per_second:,.0f} tokens/s teacher forward, measured"
-            + ("; the dump ran in several sessions, so its time is the cache's tokens at that rate)." if self.dump_estimated else ")."),
+            + ("; the dump's record covers part of the cache (rank 0 of a multi-process dump), so its time is "
+               "the cache's tokens at that rate)." if self.dump_estimated else ")."),
             f"Online KD would run the teacher over every token each student trains on: {n} student"
             f"{'s' if n != 1 else ''} × {sum(self.student_tokens) / max(n, 1):,.0f} tokens on average = "
             f"{sum(self.student_tokens):,} tokens ÷ {self.teacher_tokens_per_second:,.0f} tokens/s = "
@@ -48,9 +49,9 @@ class Amortisation:
 def amortisation(manifest: dict, runs, cache_tokens: int | None = None) -> Amortisation | None:
     """From the train cache's manifest and the finished runs; None when the manifest lacks dump timing.
 
-    The manifest's `dump` block describes the last dump-logits session only; when that session did
-    not process the whole cache (a resumed dump), the one-pass time is the cache's tokens at the
-    measured rate.
+    The manifest's `dump` block sums every session of the cache, but under torchrun it holds rank 0's
+    figures only; when it covers fewer tokens than the cache holds, the one-pass (single-process)
+    teacher time is the cache's tokens at the measured rate.
     """
     dump = manifest.get("dump") or {}
     seconds, rate, processed = dump.get("seconds"), dump.get("tokens_per_second"), dump.get("real_tokens")
