@@ -36,7 +36,11 @@ def clm_setup(tmp_path_factory, tiny_llama_clm):
 def test_teacher_agrees_with_its_own_cache(clm_setup, tiny_llama_clm):
     cache, _ = clm_setup
     m = evaluate(tiny_llama_clm, cache)
-    assert m["top1_agreement"] == 1.0
+    # Batched and unbatched fp32 forwards differ by ~1e-7: a top-1 can flip only where the
+    # cache holds a tie at fp16 precision.
+    ties = sum(int((torch.tensor(r["topk_logprobs"])[:, 0] == torch.tensor(r["topk_logprobs"])[:, 1]).sum())
+               for r in pq.read_table(cache / "data").to_pylist())
+    assert m["top1_agreement"] >= 1.0 - ties / m["positions"]
     assert m["kl"] < 1e-4  # only the cache's fp16 rounding separates them
     assert m["accuracy"] == m["teacher_accuracy"]
     assert m["positions"] == open_cache(cache).manifest["totals"]["positions"]
@@ -48,7 +52,7 @@ def test_student_metrics_match_a_direct_forward(clm_setup):
     cache, student_dir = clm_setup
     got = evaluate(student_dir, cache, batch_size=5)
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    agree = correct = labelled = n = 0
+    agree = correct = labelled = n = near_ties = 0
     ce = kl = 0.0
     for row in pq.read_table(cache / "data").to_pylist():
         with torch.no_grad():
@@ -58,6 +62,9 @@ def test_student_metrics_match_a_direct_forward(clm_setup):
         q = logits.gather(1, ids).softmax(-1)
         kl += float((p * (p.log() - q.log())).sum())
         agree += int((logits.argmax(-1) == ids[:, 0]).sum())
+        # Where the two best logits are within fp32 noise, a batched forward may pick the other one.
+        top2 = logits.topk(2, dim=-1).values
+        near_ties += int((top2[:, 0] - top2[:, 1] < 1e-5).sum())
         labels = torch.tensor(row["labels"])
         known = labels >= 0
         correct += int((logits[known].argmax(-1) == labels[known]).sum())
@@ -65,8 +72,8 @@ def test_student_metrics_match_a_direct_forward(clm_setup):
         labelled += int(known.sum())
         n += len(labels)
     assert got["positions"] == n and got["labelled_positions"] == labelled
-    assert got["top1_agreement"] == pytest.approx(agree / n, abs=1e-12)
-    assert got["accuracy"] == pytest.approx(correct / labelled, abs=1e-12)
+    assert got["top1_agreement"] == pytest.approx(agree / n, abs=near_ties / n + 1e-12)
+    assert got["accuracy"] == pytest.approx(correct / labelled, abs=near_ties / labelled + 1e-12)
     assert got["kl"] == pytest.approx(kl / n, rel=1e-4)
     assert got["perplexity"] == pytest.approx(math.exp(ce / labelled), rel=1e-4)
     assert got["kl"] > 1e-3  # an untrained student really differs

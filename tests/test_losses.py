@@ -36,7 +36,9 @@ def tiny_student(cache_dir, task):
 
 
 def reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16):
-    """Per-row, unpadded full forwards; full-vocabulary softmax; no cache code involved."""
+    """Per-row, unpadded full forwards; full-vocabulary softmax; no cache code involved.
+    The student runs in float64, so what is compared is the arithmetic of the loss, not fp32
+    rounding noise that differs between batched and unbatched kernels (and between CPUs)."""
     kd, ce, n, n_labelled = 0.0, 0.0, 0, 0
     for row in rows:
         ids = torch.tensor([row["input_ids"]])
@@ -47,9 +49,10 @@ def reference_losses(student, teacher, rows, task, temperature, round_teacher_to
             s, t = s[None], t[None]
         else:
             s, t = s[row["positions"]], t[row["positions"]]
-        t_logprobs = t.log_softmax(-1)
-        if round_teacher_to_fp16:  # what the cache stores
-            t_logprobs = t_logprobs.half().float()
+        if round_teacher_to_fp16:  # what the cache stores: the fp32 log-softmax, rounded to fp16
+            t_logprobs = t.float().log_softmax(-1).half().double()
+        else:
+            t_logprobs = t.double().log_softmax(-1)
         p = (t_logprobs / temperature).softmax(-1)
         log_q = (s / temperature).log_softmax(-1)
         kd = kd + (p * (p.log() - log_q)).sum() * temperature ** 2
@@ -69,6 +72,7 @@ def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, temperat
     vocab = teacher.config.num_labels if task == CLS else teacher.config.vocab_size
     cache_dir = teacher_cache(tmp_path / "cache", teacher_dir, task, texts, k=vocab, labels=labels)
     cache, student = tiny_student(cache_dir, task)
+    student = student.double()  # the loss keeps fp64 logits in fp64; see reference_losses
     rows = pq.read_table(cache_dir / "data").to_pylist()
     batch = next(iter(CacheStream(cache, batch_size=len(rows), shuffle=False)))
     params = [p for p in student.parameters() if p.requires_grad]
@@ -83,26 +87,29 @@ def test_cached_kd_with_k_equal_vocab_matches_online_full_softmax(task, temperat
     kd_ref, ce_ref = reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16=True)
     ref = alpha * kd_ref + (1 - alpha) * ce_ref
     ref_grads = torch.autograd.grad(ref, params, retain_graph=True)
-    torch.testing.assert_close(cached.kd, kd_ref.detach(), rtol=2e-5, atol=1e-7)
-    torch.testing.assert_close(cached.hard, ce_ref.detach(), rtol=2e-5, atol=1e-7)
-    torch.testing.assert_close(cached.loss, ref, rtol=2e-5, atol=1e-7)
+    # fp64 throughout: agreement to ~1e-12; a wrong term, scale or sign is off by > 1e-4.
+    torch.testing.assert_close(cached.kd, kd_ref.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cached.hard, ce_ref.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cached.loss, ref, rtol=1e-9, atol=1e-12)
     for got, want in zip(cached_grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
     assert cached.kd > 0 and sum(g.abs().sum() for g in cached_grads) > 0
 
     # Hard labels only (alpha 0): the cross-entropy and its gradients alone.
     hidden, head = target_hidden(student, task, batch)
     hard_only = DistillLoss(alpha=0.0, chunk_elements=3 * vocab)(hidden, head, batch)
     for got, want in zip(torch.autograd.grad(hard_only.loss, params), torch.autograd.grad(ce_ref, params)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
 
     # Online mode (live teacher on the same batch, full softmax): equals the unrounded reference.
+    # The teacher runs in fp64 here too: its batched and unbatched fp32 logits differ by ~1e-7.
+    teacher = teacher.double()
     with torch.no_grad():
         teacher_logits = target_logits(teacher, task, batch)
     hidden, head = target_hidden(student, task, batch)
     online = loss_fn(hidden, head, batch, teacher_logits=teacher_logits)
     kd_exact, _ = reference_losses(student, teacher, rows, task, temperature, round_teacher_to_fp16=False)
-    torch.testing.assert_close(online.kd, kd_exact.detach(), rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(online.kd, kd_exact.detach(), rtol=1e-9, atol=1e-12)
 
 
 def test_bucket_tail_keeps_the_mass_outside_the_top_k(tiny_bert_mlm, tmp_path):

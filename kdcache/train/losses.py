@@ -35,7 +35,7 @@ def cached_kd_per_target(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logpr
     """KD loss per target (already × T²) against the cached top-k teacher log-probs (T = 1).
     log_q: the student's full log-softmax at temperature T, (N, V)."""
     log_q_k = log_q.gather(1, topk_ids)
-    teacher = topk_logprobs.float()
+    teacher = topk_logprobs.to(log_q.dtype)
     if tail == "renorm":
         log_p = (teacher / temperature).log_softmax(-1)
         kl = _kl(log_p, log_q_k)
@@ -56,7 +56,7 @@ def cached_kd_per_target(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logpr
 
 def online_kd_per_target(log_q: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KD loss per target (× T²) against a live teacher's full softmax; log_q as above."""
-    log_p = (teacher_logits.float() / temperature).log_softmax(-1)
+    log_p = (teacher_logits.to(log_q.dtype) / temperature).log_softmax(-1)
     return _kl(log_p, log_q) * temperature ** 2
 
 
@@ -132,17 +132,17 @@ class DistillLoss:
         return self.alpha > 0
 
     def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits):
-        logits = head(hidden).float()
+        logits = _at_least_fp32(head(hidden))
         known = (labels >= 0).unsqueeze(-1)
         labels_at = labels.clamp(min=0).unsqueeze(-1)
         if teacher_logits is None and (not self.uses_soft_targets or self.tail == "renorm"):
             if not self.uses_soft_targets:
-                _, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known.float(), 1.0)
+                _, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known.to(logits.dtype), 1.0)
                 return torch.stack([hard.new_zeros(()), hard])
-            log_p = (topk_logprobs.float() / self.temperature).log_softmax(-1)
+            log_p = (topk_logprobs.to(logits.dtype) / self.temperature).log_softmax(-1)
             p = log_p.exp()
             safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))  # 0 · log 0 = 0
-            kd, hard = _SparseTargetCE.apply(logits, topk_ids, p, safe_log_p, labels_at, known.float(),
+            kd, hard = _SparseTargetCE.apply(logits, topk_ids, p, safe_log_p, labels_at, known.to(logits.dtype),
                                              float(self.temperature))
             return torch.stack([kd, hard])
         # Online KD (dense teacher) and the rest bucket: plain autograd.
@@ -171,7 +171,7 @@ class DistillLoss:
         if n <= chunk:
             sums = self._chunk_sums(hidden, head, labels, topk_ids, topk_logprobs, teacher_logits)
         else:
-            sums = hidden.new_zeros(2, dtype=torch.float32)
+            sums = hidden.new_zeros(2, dtype=torch.promote_types(hidden.dtype, torch.float32))
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
                 args = (hidden[part], head, labels[part],
@@ -185,6 +185,12 @@ class DistillLoss:
         hard = sums[1] / max(num_labelled, 1)
         loss = self.alpha * kd + (1 - self.alpha) * hard if self.alpha < 1 else kd
         return LossOutput(loss, kd.detach(), hard.detach(), n, num_labelled)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax arithmetic in fp32 at least: half-precision logits are upcast, fp64 ones kept
+    (a float64 student gets float64 losses, which is what exact comparisons need)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _out_features(head, hidden: torch.Tensor) -> int:
