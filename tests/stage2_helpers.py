@@ -204,3 +204,19 @@ def sharp_bert_mlm(path: Path, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fp16_top1_ties(cache_dir: Path) -> tuple[int, int]:
+    """(positions whose cached top-1 and top-2 log-probs are equal in fp16, all positions).
+
+    Re-running the teacher batched differently moves its fp32 logits by ~1e-7, which can swap
+    the top-1 only where the two are that close, and those are ties at fp16 precision."""
+    import pyarrow.parquet as pq
+
+    ties = positions = 0
+    for row in pq.read_table(Path(cache_dir) / "data", columns=["topk_logprobs"]).to_pylist():
+        lp = np.asarray(row["topk_logprobs"], dtype=np.float16)
+        positions += len(lp)
+        if lp.shape[1] > 1:
+            ties += int((lp[:, 0] == lp[:, 1]).sum())
+    return ties, positions

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from stage2_helpers import fp16_top1_ties
 from sweep_helpers import TRAIN, dump, run_cli
 
 
@@ -73,7 +74,9 @@ def test_report_table_plot_and_amortisation(report_setup, capfd):
     # cached targets, and its accuracy is the one the cache alone implies.
     manifest = json.loads((eval_cache / "manifest.json").read_text())
     t = rows["teacher"]
-    assert float(t["KL to teacher"]) < 1e-3 and t["top-1 agreement"] == "100.00%"
+    ties, positions = fp16_top1_ties(eval_cache)  # the only places a re-run may pick another top-1
+    assert float(t["KL to teacher"]) < 1e-3
+    assert float(t["top-1 agreement"].rstrip("%")) >= round(100 * (1 - ties / positions), 2)
     assert t["accuracy"] == f"{ev['teacher_accuracy']:.2%}"
     assert t["parameters"] == f"{manifest['teacher']['num_parameters'] / 1e3:.1f}k"
 
