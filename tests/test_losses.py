@@ -125,8 +125,8 @@ def test_bucket_tail_keeps_the_mass_outside_the_top_k(tiny_bert_mlm, tmp_path):
     # Independent: probabilities summed directly, the rest as 1 - Σ top-k on both sides.
     q = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     q = q[batch["target_rows"], batch["target_positions"]].softmax(-1)
-    p_k = batch["topk_logprobs"].exp()
-    q_k = q.gather(1, batch["topk_ids"])
+    p_k = batch["topk_logprobs"].float().exp()
+    q_k = q.gather(1, batch["topk_ids"].long())
     p = torch.cat([p_k, (1 - p_k.sum(-1, keepdim=True)).clamp(min=0)], -1)
     qq = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
     expected = (p * (p.log() - qq.log())).sum(-1).mean()

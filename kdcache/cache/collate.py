@@ -1,76 +1,124 @@
-"""Turning a slice of cache rows (an Arrow table) into one training batch of sparse targets.
+"""Turning cache rows into training batches of sparse targets.
 
-Vectorised over Arrow buffers (no per-row Python), so it runs at memory speed inside the
-DataLoader workers. A batch holds:
+A window of rows (an Arrow table) is decoded once into flat numpy arrays (`DecodedRows`);
+each batch is then a vectorised gather of its rows from those arrays (no per-row Python, no
+Arrow `take` on nested lists), done in the DataLoader workers. A batch holds:
 
   input_ids, attention_mask (B, L) int64, padded on the right (token_type_ids too, if cached)
   target_rows, target_positions (N,) int64   where the N targets sit in the padded batch
   labels (N,) int64                           hard labels, -1 unknown
-  topk_ids (N, k) int64, topk_logprobs (N, k) float32   teacher's soft targets (if decoded)
+  topk_ids (N, k) int32, topk_logprobs (N, k) float16   the teacher's soft targets, as stored
+                                              (if decoded); the loss widens them on its device
   example_id (B,) int64, num_rows, num_tokens (real, unpadded tokens)
+
+The soft targets stay narrow (int32 ids: torch has no uint16 gather; fp16 log-probs as cached)
+so workers copy and pin half the bytes, and the widening runs on the training device.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from .schema import EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS
 
 
-def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, parent row of each value, index of each value within its row) of a list column."""
+def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values, offsets): row i owns values[offsets[i]:offsets[i + 1]].
+    For list<fixed_size_list<T, k>> the values are an (inner lists, k) array."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    values = array.flatten()
-    rows = pc.list_parent_indices(array).to_numpy()
-    lengths = pc.list_value_length(array).fill_null(0).to_numpy().astype(np.int64)
-    starts = np.cumsum(lengths) - lengths
-    within = np.arange(len(rows), dtype=np.int64) - starts[rows]
-    return values, rows.astype(np.int64), within
+    offsets = array.offsets.to_numpy().astype(np.int64)  # slice-aware
+    child = array.values  # not slice-aware: the offsets index into all of it
+    if pa.types.is_fixed_size_list(child.type):
+        k = child.type.list_size
+        values = child.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    else:
+        values = child.to_numpy(zero_copy_only=False)
+    return values, offsets
 
 
-def _fixed_lists(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<fixed_size_list<T, k>> column as one (N, k) numpy array (N = all inner lists)."""
-    array = column.combine_chunks()
-    inner = array.flatten()  # fixed_size_list<T, k>, offset-aware
-    k = inner.type.list_size
-    return inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+def _element_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into the values of `rows`' elements, in row order; each row's length)."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    # element j of a gathered row sits at starts[row] + j: shift a global arange per row.
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + shift, lengths
 
 
-def _pad(values: np.ndarray, rows: np.ndarray, within: np.ndarray, shape: tuple[int, int], fill: int) -> np.ndarray:
-    out = np.full(shape, fill, dtype=np.int64)
+class DecodedRows:
+    """Rows of one cache, decoded once into flat numpy arrays; `take` gathers any of them."""
+
+    def __init__(self, table: pa.Table, *, soft_targets: bool = True):
+        self.num_rows = table.num_rows
+        self.example_id = table.column(EXAMPLE_ID).to_numpy().astype(np.int64)
+        self.input_ids, self.token_offsets = _ragged(table.column(INPUT_IDS))
+        self.token_type_ids = None
+        if TOKEN_TYPE_IDS in table.column_names:
+            self.token_type_ids, _ = _ragged(table.column(TOKEN_TYPE_IDS))
+        # positions, labels and both top-k columns have one entry per target: the same offsets.
+        self.positions, self.target_offsets = _ragged(table.column(POSITIONS))
+        self.labels, _ = _ragged(table.column(LABELS))
+        self.topk_ids = self.topk_logprobs = None
+        if soft_targets:
+            self.topk_ids, _ = _ragged(table.column(TOPK_IDS))
+            self.topk_logprobs, _ = _ragged(table.column(TOPK_LOGPROBS))
+
+    def take(self, rows: np.ndarray) -> dict:
+        """The flat (unpadded) parts of `rows`, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens, token_lengths = _element_index(self.token_offsets, rows)
+        targets, target_lengths = _element_index(self.target_offsets, rows)
+        parts = {"example_id": self.example_id[rows], "input_ids": self.input_ids[tokens],
+                 "token_lengths": token_lengths, "positions": self.positions[targets],
+                 "labels": self.labels[targets], "target_lengths": target_lengths}
+        if self.token_type_ids is not None:
+            parts["token_type_ids"] = self.token_type_ids[tokens]
+        if self.topk_ids is not None:
+            parts["topk_ids"] = self.topk_ids[targets].astype(np.int32)
+            parts["topk_logprobs"] = self.topk_logprobs[targets]
+        return parts
+
+
+def _pad(values: np.ndarray, lengths: np.ndarray, width: int, fill: int) -> np.ndarray:
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out = np.full((len(lengths), width), fill, dtype=np.int64)
     out[rows, within] = values
     return out
 
 
-def collate_rows(table: pa.Table, *, pad_id: int = 0, soft_targets: bool = True) -> dict:
-    """One batch from `table` (rows of one cache). soft_targets=False skips decoding the
-    teacher's top-k entirely (hard-label-only or online-teacher training)."""
-    num_rows = table.num_rows
-    ids, id_rows, id_within = _list_parts(table.column(INPUT_IDS))
-    lengths = np.bincount(id_rows, minlength=num_rows)
-    max_len = int(lengths.max()) if num_rows else 0
-    shape = (num_rows, max_len)
+def collate(pieces: list[tuple[DecodedRows, np.ndarray]], *, pad_id: int = 0) -> dict:
+    """One batch from (decoded rows, row indices) pieces, concatenated in order (a batch
+    spans two pieces only where it straddles a shuffle window)."""
+    taken = [decoded.take(rows) for decoded, rows in pieces]
+    parts = taken[0] if len(taken) == 1 else {key: np.concatenate([t[key] for t in taken]) for key in taken[0]}
+    token_lengths, target_lengths = parts["token_lengths"], parts["target_lengths"]
+    num_rows = len(token_lengths)
+    width = int(token_lengths.max()) if num_rows else 0
     batch = {
-        "input_ids": torch.from_numpy(_pad(ids.to_numpy(zero_copy_only=False), id_rows, id_within, shape, pad_id)),
-        "attention_mask": torch.from_numpy((np.arange(max_len)[None, :] < lengths[:, None]).astype(np.int64)),
+        "input_ids": torch.from_numpy(_pad(parts["input_ids"], token_lengths, width, pad_id)),
+        "attention_mask": torch.from_numpy((np.arange(width)[None, :] < token_lengths[:, None]).astype(np.int64)),
     }
-    if TOKEN_TYPE_IDS in table.column_names:
-        tt, tt_rows, tt_within = _list_parts(table.column(TOKEN_TYPE_IDS))
-        batch["token_type_ids"] = torch.from_numpy(_pad(tt.to_numpy(zero_copy_only=False), tt_rows, tt_within, shape, 0))
-    positions, target_rows, _ = _list_parts(table.column(POSITIONS))
-    labels, _, _ = _list_parts(table.column(LABELS))
-    batch["target_rows"] = torch.from_numpy(target_rows)
-    batch["target_positions"] = torch.from_numpy(positions.to_numpy(zero_copy_only=False).astype(np.int64))
-    batch["labels"] = torch.from_numpy(labels.to_numpy(zero_copy_only=False).astype(np.int64))
-    if soft_targets:
-        batch["topk_ids"] = torch.from_numpy(_fixed_lists(table.column(TOPK_IDS)).astype(np.int64))
-        batch["topk_logprobs"] = torch.from_numpy(_fixed_lists(table.column(TOPK_LOGPROBS)).astype(np.float32))
-    batch["example_id"] = torch.from_numpy(table.column(EXAMPLE_ID).to_numpy().astype(np.int64))
+    if "token_type_ids" in parts:
+        batch["token_type_ids"] = torch.from_numpy(_pad(parts["token_type_ids"], token_lengths, width, 0))
+    batch["target_rows"] = torch.from_numpy(np.repeat(np.arange(num_rows, dtype=np.int64), target_lengths))
+    batch["target_positions"] = torch.from_numpy(parts["positions"].astype(np.int64))
+    batch["labels"] = torch.from_numpy(parts["labels"].astype(np.int64))
+    if "topk_ids" in parts:
+        batch["topk_ids"] = torch.from_numpy(parts["topk_ids"])
+        batch["topk_logprobs"] = torch.from_numpy(parts["topk_logprobs"])
+    batch["example_id"] = torch.from_numpy(parts["example_id"])
     batch["num_rows"] = num_rows
-    batch["num_tokens"] = int(lengths.sum())
+    batch["num_tokens"] = int(token_lengths.sum())
     return batch
+
+
+def collate_rows(table: pa.Table, *, pad_id: int = 0, soft_targets: bool = True) -> dict:
+    """One batch of all rows of `table`, in order. soft_targets=False skips decoding the
+    teacher's top-k entirely (hard-label-only or online-teacher training)."""
+    decoded = DecodedRows(table, soft_targets=soft_targets)
+    return collate([(decoded, np.arange(decoded.num_rows))], pad_id=pad_id)
 
 
 def move_batch(batch: dict, device, non_blocking: bool = False) -> dict:

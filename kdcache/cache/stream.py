@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import KdcacheError
-from .collate import collate_rows
+from .collate import DecodedRows, collate
 from .manifest import read_manifest
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
@@ -244,8 +244,8 @@ class CacheStream(IterableDataset):
         return pa.concat_tables(pieces)
 
     def worker_sequence(self, worker: int, skip: int = 0):
-        """This rank's worker `worker`: its rows for the current epoch, in order, as tables of
-        consecutive rows, starting after the first `skip` rows."""
+        """This rank's worker `worker`: its rows for the current epoch, in order, starting after
+        the first `skip` rows, as (decoded window, row indices into it) pairs."""
         epoch = self.epoch
         order = self.group_order(epoch)
         sizes = np.array([self.cache.row_groups[i].rows for i in order], dtype=np.int64)
@@ -258,11 +258,13 @@ class CacheStream(IterableDataset):
                 skip -= w_hi - w_lo
                 continue
             table = self._window_rows(epoch, order, starts, w_lo, w_hi)
+            # Decoded once per window; the shuffle is then only an order of row indices.
+            decoded = DecodedRows(table, soft_targets=self.soft_targets)
             if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, block, window]).permutation(table.num_rows)
-                yield table.take(pa.array(perm[skip:]))
+                rows = np.random.default_rng([self.seed, epoch, block, window]).permutation(table.num_rows)
             else:
-                yield table.slice(skip)
+                rows = np.arange(table.num_rows)
+            yield decoded, rows[skip:]
             skip = 0
 
     def __iter__(self):
@@ -278,21 +280,18 @@ class CacheStream(IterableDataset):
         worker = (worker + next_worker) % workers
         skip = skips[worker]
         pending, pending_rows = [], 0
-        for table in self.worker_sequence(worker, skip):
+        for decoded, rows in self.worker_sequence(worker, skip):
             offset = 0
-            while offset < table.num_rows:
-                take = min(self.batch_size - pending_rows, table.num_rows - offset)
-                pending.append(table.slice(offset, take))
+            while offset < len(rows):
+                take = min(self.batch_size - pending_rows, len(rows) - offset)
+                pending.append((decoded, rows[offset:offset + take]))
                 pending_rows += take
                 offset += take
                 if pending_rows == self.batch_size:
-                    yield self._collate(pending)
+                    yield collate(pending, pad_id=self.cache.pad_id)
                     pending, pending_rows = [], 0
         if pending_rows:
-            yield self._collate(pending)
-
-    def _collate(self, pieces: list[pa.Table]) -> dict:
-        return collate_rows(pa.concat_tables(pieces), pad_id=self.cache.pad_id, soft_targets=self.soft_targets)
+            yield collate(pending, pad_id=self.cache.pad_id)
 
 
 class StreamLoader:

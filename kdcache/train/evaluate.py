@@ -88,6 +88,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
 def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels) -> None:
     # Both distributions renormalised over the stored k ids: 0 for the teacher itself, and
     # comparable across models whatever mass the top-k covers.
+    topk_ids = topk_ids.long()  # batches carry int32 ids
     log_p = topk_logprobs.float().log_softmax(-1)
     log_q = logits.gather(1, topk_ids).log_softmax(-1)
     s["kl"] += float((log_p.exp() * (log_p - log_q)).sum())

@@ -163,6 +163,8 @@ class DistillLoss:
         labels = batch["labels"]
         n = labels.shape[0]
         topk_ids = batch.get("topk_ids") if teacher_logits is None else None
+        if topk_ids is not None:
+            topk_ids = topk_ids.long()  # batches carry int32 ids; gather/scatter index with int64
         topk_logprobs = batch.get("topk_logprobs") if teacher_logits is None else None
         if self.uses_soft_targets and teacher_logits is None and topk_ids is None:
             raise ValueError("alpha > 0 needs the cached soft targets (stream with soft_targets=True) or teacher_logits")
