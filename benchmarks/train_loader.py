@@ -2,18 +2,24 @@
 Arrow -> padded tensors + (N, k) top-k ids/log-probs), at k = 64. Goal: >= 500k/s/worker.
 
 The stream runs in this process (num_workers=0 is exactly what one DataLoader worker does),
-with one intra-op thread, over a synthetic cache written by the real shard writer.
+with one intra-op thread, over a synthetic cache written by the real shard writer, and
+optionally over a real cache repeated to size (--real-cache, e.g. the quickstart's
+runs/causal_lm-small/cache: real top-k ids compress ~2x, so zstd costs more than on random ids).
+Next to it, the floor: reading the same row groups' columns with pyarrow and nothing else;
+"loader / decode" is what kdcache's shuffling and collation add to that.
 
-    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3]
+    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 
 from train_common import Timer, command_line, synthetic_cache
@@ -32,6 +38,51 @@ def positions_per_second(cache: Path, *, batch_size: int, soft: bool = True) -> 
     return n / t.seconds, n / (time.process_time() - cpu)
 
 
+def decode_only(cache: Path, soft: bool = True) -> float:
+    """Positions per CPU-second of reading every row group's stream columns, nothing else."""
+    import pyarrow.parquet as pq
+
+    from kdcache.cache.stream import CacheStream
+    stream = CacheStream(cache, batch_size=1, soft_targets=soft)
+    columns = stream._columns()
+    n = 0
+    cpu = time.process_time()
+    for path in stream.cache.shard_paths:
+        f = pq.ParquetFile(path)
+        for g in range(f.metadata.num_row_groups):
+            n += int(pc.sum(pc.list_value_length(f.read_row_group(g, columns=columns, use_threads=False)
+                                                  .column("positions"))).as_py())
+    return n / (time.process_time() - cpu)
+
+
+def tiled_real_cache(source: Path, out: Path, rows: int) -> Path:
+    """`source`'s rows repeated (new example ids) to at least `rows` rows, same schema and writer."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdcache.cache.manifest import atomic_write_json
+    from kdcache.cache.shards import write_shard
+
+    if (out / "manifest.json").is_file():
+        return out
+    table = pq.read_table(source / "data")
+    copies = -(-rows // table.num_rows)
+    tiled = pa.concat_tables([table] * copies).combine_chunks()
+    tiled = tiled.set_column(0, "example_id", pa.array(range(tiled.num_rows), pa.int64()))
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["shards"] = [write_shard(out, 0, tiled)]
+    manifest["num_shards"] = 1
+    manifest["totals"] = {"rows": tiled.num_rows, "positions": manifest["shards"][0]["positions"],
+                          "bytes": manifest["shards"][0]["bytes"]}
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for f in (source / "tokenizer").iterdir():
+        (out / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    atomic_write_json(out / "manifest.json", manifest)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4000)
@@ -41,24 +92,45 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--real-cache", type=Path, default=None, help="a real cache to repeat to --rows rows")
+    ap.add_argument("--json", type=Path, default=None, help="also write the medians here (compare_revisions.py)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_loader_"))
     print(f"# {command_line()}")
-    print("| cache | rows | positions/row | k | positions/s per worker, wall clock | per CPU-second | goal |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| cache | rows | positions/row | k | loader, positions/s per worker (wall) | per CPU-second "
+          "| Parquet decode alone, per CPU-second | loader / decode time | goal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    caches = []
     for task in ("clm", "mlm"):
         cache = synthetic_cache(work / f"{task}_{args.rows}_{args.k}", rows=args.rows, length=args.length, k=args.k,
                                 vocab_size=args.vocab, task=task)
-        rates = [positions_per_second(cache, batch_size=args.batch_size) for _ in range(args.repeats)]
-        per_row = args.length if task == "clm" else round(0.15 * args.length)
+        caches.append((f"synthetic {task} (L={args.length}, V={args.vocab})", cache))
+    if args.real_cache:
+        caches.append((f"real: {args.real_cache} repeated", tiled_real_cache(args.real_cache, work / "real", args.rows)))
+    results = {}
+    for name, cache in caches:
+        rates, floors = [], []
+        positions_per_second(cache, batch_size=args.batch_size)  # warm-up: page cache, allocator, imports
+        for _ in range(args.repeats):  # interleaved, so both see the same machine
+            rates.append(positions_per_second(cache, batch_size=args.batch_size))
+            floors.append(decode_only(cache))
+        from kdcache.cache.stream import open_cache
+        opened = open_cache(cache)
+        per_row = opened.manifest["totals"]["positions"] / opened.num_rows
         wall, cpu = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
-        print(f"| synthetic {task} (L={args.length}, V={args.vocab}) | {args.rows:,} | {per_row} | {args.k} | "
-              f"{wall:,.0f} | {cpu:,.0f} | >= 500,000 |")
-    rates = [positions_per_second(cache, batch_size=args.batch_size, soft=False) for _ in range(args.repeats)]
+        floor = statistics.median(floors)
+        print(f"| {name} | {opened.num_rows:,} | {per_row:.0f} | {opened.k} | {wall:,.0f} | {cpu:,.0f} | "
+              f"{floor:,.0f} | {floor / cpu:.2f} | >= 500,000 |")
+        results[name] = {"loader_per_cpu_second": cpu, "decode_per_cpu_second": floor}
+    mlm = caches[1][1]
+    rates = [positions_per_second(mlm, batch_size=args.batch_size, soft=False) for _ in range(args.repeats)]
     print(f"\nhard labels only (alpha 0: top-k columns not read), mlm cache: "
           f"{statistics.median(r[0] for r in rates):,.0f} positions/s wall, "
           f"{statistics.median(r[1] for r in rates):,.0f} per CPU-second (medians of {args.repeats})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
 
 if __name__ == "__main__":
     main()
