@@ -260,10 +260,11 @@ class CacheStream(IterableDataset):
             table = self._window_rows(epoch, order, starts, w_lo, w_hi)
             # Decoded once per window; the shuffle is then only an order of row indices.
             decoded = DecodedRows(table, soft_targets=self.soft_targets)
+            del table  # the decoded copy is all that is needed now; don't hold both while yielding
             if self.shuffle:
-                rows = np.random.default_rng([self.seed, epoch, block, window]).permutation(table.num_rows)
+                rows = np.random.default_rng([self.seed, epoch, block, window]).permutation(decoded.num_rows)
             else:
-                rows = np.arange(table.num_rows)
+                rows = np.arange(decoded.num_rows)
             yield decoded, rows[skip:]
             skip = 0
 
