@@ -146,3 +146,15 @@ def test_pair_classification_writes_token_type_ids(tmp_path, tiny_bert_cls, sms_
         assert row["input_ids"] == enc["input_ids"] and row["token_type_ids"] == enc["token_type_ids"]
         assert 1 in row["token_type_ids"] and row["labels"] == [int(src["label"])]  # names mapped via label2id
         check_targets(row, direct_logprobs(model, enc["input_ids"], enc["token_type_ids"])[None, :], 2)
+
+    # Stage two reads the pairs back: each batch row carries its own token types, padded with 0.
+    from kdcache.cache.stream import CacheStream
+    rows = {r["example_id"]: r for r in read_rows(out)}
+    seen = 0
+    for batch in CacheStream(out, batch_size=7, shuffle_buffer=10, seed=3):
+        for b, example in enumerate(batch["example_id"].tolist()):
+            n = len(rows[example]["input_ids"])
+            assert batch["token_type_ids"][b, :n].tolist() == rows[example]["token_type_ids"]
+            assert batch["token_type_ids"][b, n:].eq(0).all() and batch["input_ids"][b, :n].tolist() == rows[example]["input_ids"]
+            seen += 1
+    assert seen == len(rows)
