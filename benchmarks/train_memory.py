@@ -26,7 +26,10 @@ from train_common import REPO, command_line, synthetic_cache
 
 def peak_rss(cmd: list[str], env: dict) -> tuple[float, float, float]:
     """(peak PSS of the process tree, peak PSS of the main process, seconds), in MiB."""
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: nobody reads a pipe while we sample, and a long run's
+    # output would fill it and block the child.
+    err_file = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err_file)
     main = psutil.Process(proc.pid)
     peak_tree = peak_main = 0
     start = time.perf_counter()
@@ -39,7 +42,8 @@ def peak_rss(cmd: list[str], env: dict) -> tuple[float, float, float]:
         except psutil.Error:
             pass
         time.sleep(0.05)
-    err = proc.stderr.read().decode()
+    err_file.seek(0)
+    err = err_file.read().decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
     return peak_tree / 2**20, peak_main / 2**20, time.perf_counter() - start
@@ -97,7 +101,7 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "kdcache", "train-student", "--cache", str(cache), "--student", "L2-H128",
                "--out", str(out), "--epochs", "1", "--batch-size", str(args.batch_size), "--num-workers", "1",
-               "--device", "cpu", "--shuffle-buffer", str(args.shuffle_buffer)]
+               "--device", "cpu", "--shuffle-buffer", str(args.shuffle_buffer), "--no-progress"]
         size = sum(p.stat().st_size for p in (cache / "data").glob("*.parquet")) / 2**20
         tree, main_only, seconds = peak_rss(cmd, env)
         results[factor] = tree

@@ -16,7 +16,7 @@ from conftest import shakespeare_lines
 from kdcache.cache.stream import open_cache
 from kdcache.train.evaluate import evaluate
 from kdcache.train.students import Sizes, build_student, init_from_teacher, plan_student
-from stage2_helpers import cli_error, cli_ok, sharp_bert_mlm, single_thread_torch
+from stage2_helpers import cli_error, cli_ok, run_cli, sharp_bert_mlm, single_thread_torch
 
 TINY = ["--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64]
 
@@ -101,9 +101,12 @@ def test_existing_run_is_never_overwritten(mlm, tmp_path):
 
 
 def test_hard_labels_only_and_online_teacher_modes(mlm, tmp_path):
-    cli_ok(train_args(mlm["train"], tmp_path / "hard", "--max-steps", 3, "--alpha", 0))
+    code, _, err = run_cli(train_args(mlm["train"], tmp_path / "hard", "--max-steps", 3, "--alpha", 0))
+    assert code == 0 and "tokens/s" in err and "%|" in err  # the progress bar, by default
     cli_ok(train_args(mlm["train"], tmp_path / "online", "--max-steps", 3, "--online-teacher", mlm["teacher"],
                       "--tail", "bucket", "--temperature", 2))
+    code, _, err = run_cli(train_args(mlm["train"], tmp_path / "quiet", "--max-steps", 3, "--no-progress"))
+    assert code == 0 and "%|" not in err and (tmp_path / "quiet" / "metrics.jsonl").is_file()
     for name in ("hard", "online"):
         assert json.loads((tmp_path / name / "train_summary.json").read_text())["done"]
     assert json.loads((tmp_path / "online" / "train_summary.json").read_text())["online_teacher"]

@@ -49,6 +49,9 @@ def dump_logits(no_progress, **options):
     Example:
       kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/ --top-k 32
     """
+    from ..progress import hide_library_progress_bars
     from .run import DumpOptions, run_dump
 
+    if no_progress:
+        hide_library_progress_bars()
     run_dump(DumpOptions(**options, progress=not no_progress, echo=click.echo))

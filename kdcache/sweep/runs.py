@@ -17,6 +17,7 @@ TRAIN_LOG = "train.log"
 
 # Options that say how to run, not what to train: changing them between re-runs is fine.
 RUNTIME_OPTIONS = ("--device", "--num-workers", "--save-every", "--stop-after-steps", "--log-every")
+RUNTIME_FLAGS = ("--no-progress",)
 # Options the sweep sets itself for every student.
 SWEEP_OWNED_OPTIONS = ("--cache", "--student", "--out", "--resume")
 
@@ -103,7 +104,7 @@ def training_identity(cache: Path, student: Student, train_args: list[str]) -> d
     return {
         "cache": str(Path(cache).resolve()),
         "student": student.spec,
-        "train_args": without_options(train_args, RUNTIME_OPTIONS),
+        "train_args": [a for a in without_options(train_args, RUNTIME_OPTIONS) if a not in RUNTIME_FLAGS],
     }
 
 

@@ -77,16 +77,21 @@ Examples:
 @click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
               help="Steps between metrics.jsonl lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the train summary as JSON at the end.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (metrics.jsonl is still written).")
 def train_student(**opts):
     """Stage two: train a student of any size by streaming a cache's soft targets.
 
     Loss: alpha * T² * KL(teacher top-k at T || student at T) + (1 - alpha) * CE(hard labels).
     Launch with torchrun for DDP: each rank streams its own part of the cache.
     """
+    from ..progress import hide_library_progress_bars
     from .loop import TrainConfig, train
     from .students import Sizes
 
     as_json = opts.pop("as_json")
+    opts["progress"] = not opts.pop("no_progress")
+    if not opts["progress"]:
+        hide_library_progress_bars()
     sizes = Sizes(opts.pop("layers"), opts.pop("hidden"), opts.pop("heads"), opts.pop("intermediate"))
     for key in ("lr", "temperature"):
         if opts[key] <= 0:

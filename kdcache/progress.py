@@ -1,0 +1,14 @@
+"""Progress bars: kdcache's own are tqdm; the libraries it drives draw their own too."""
+from __future__ import annotations
+
+
+def hide_library_progress_bars() -> None:
+    """For --no-progress: also silence transformers' (load/save weights) and datasets' bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:  # stage two runs without datasets installed
+        pass
