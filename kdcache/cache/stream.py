@@ -36,6 +36,8 @@ from .schema import (
 )
 
 DEFAULT_SHUFFLE_BUFFER = 2048
+# Shard files a stream keeps open at once: re-opening one costs only a footer read.
+OPEN_SHARDS = 1
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,13 @@ class CacheStream(IterableDataset):
         if self._last_group is not None and self._last_group[0] == index:
             return self._last_group[1]
         group = self.cache.row_groups[index]
-        if group.shard not in self._files:
+        if group.shard in self._files:
+            self._files[group.shard] = self._files.pop(group.shard)  # most recently used last
+        else:
+            # An open ParquetFile keeps its read buffers (~4 MiB at k = 64): holding one per shard
+            # would grow with the cache, so only the most recently used stay open.
+            while len(self._files) >= OPEN_SHARDS:
+                self._files.pop(next(iter(self._files)))
             self._files[group.shard] = pq.ParquetFile(self.cache.shard_paths[group.shard])
         # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
         table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
