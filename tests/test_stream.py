@@ -107,6 +107,20 @@ def test_collated_batch_matches_the_rows(cache):
     assert batch["num_tokens"] == int(batch["attention_mask"].sum())
 
 
+def test_open_files_do_not_grow_with_the_shard_count(tmp_path):
+    # Each open ParquetFile keeps its read buffers, so one handle per shard would make memory
+    # grow with the cache. Shuffled row groups hop between shards; reading must still be complete.
+    from kdcache.cache import stream as stream_module
+    cache = synthetic_cache(tmp_path / "many", num_rows=240, shard_rows=20, row_group_rows=5)
+    s = CacheStream(cache, batch_size=8, shuffle_buffer=30)
+    ids, most_open = [], 0
+    for batch in s:
+        ids += batch["example_id"].tolist()
+        most_open = max(most_open, len(s._files))
+    assert sorted(ids) == sorted(pq.read_table(cache / "data").column("example_id").to_pylist())
+    assert len(open_cache(cache).shard_paths) == 12 and most_open <= stream_module.OPEN_SHARDS
+
+
 def test_hard_label_stream_does_not_decode_soft_targets(cache):
     batch = next(iter(CacheStream(cache, batch_size=4, soft_targets=False)))
     assert "topk_ids" not in batch and "topk_logprobs" not in batch and len(batch["labels"]) > 0
