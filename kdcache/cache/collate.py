@@ -114,13 +114,6 @@ def collate(pieces: list[tuple[DecodedRows, np.ndarray]], *, pad_id: int = 0) ->
     return batch
 
 
-def collate_rows(table: pa.Table, *, pad_id: int = 0, soft_targets: bool = True) -> dict:
-    """One batch of all rows of `table`, in order. soft_targets=False skips decoding the
-    teacher's top-k entirely (hard-label-only or online-teacher training)."""
-    decoded = DecodedRows(table, soft_targets=soft_targets)
-    return collate([(decoded, np.arange(decoded.num_rows))], pad_id=pad_id)
-
-
 def move_batch(batch: dict, device, non_blocking: bool = False) -> dict:
     """Tensors to `device`; plain numbers stay."""
     return {key: value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
