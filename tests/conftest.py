@@ -16,6 +16,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def single_thread_env() -> dict:
+    """Environment for the tests' subprocesses (kill -9, torchrun): one thread, like the
+    in-process runs they are compared with, so the arithmetic is the same."""
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for every in-process test, even where OMP_NUM_THREADS was set
+    otherwise: tiny models on 2 shared cores run ~5x faster, and runs compare bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 SMS = REPO / "data" / "sms_spam.tsv"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 
 def run_cli(args, capsys=None) -> tuple[int, str, str]:
@@ -57,12 +56,3 @@ def assert_same_rows(a: list[dict], b: list[dict]) -> None:
         np.testing.assert_array_equal(x["topk_logprobs"], y["topk_logprobs"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one thread is ~5x faster than two fighting (and deterministic)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

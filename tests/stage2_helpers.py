@@ -178,17 +178,6 @@ def cli_error(args: list[str]) -> str:
     return lines[0]
 
 
-def single_thread_torch():
-    """Generator for a fixture: one intra-op thread while stage-two tests run (tiny models on
-    a shared 2-core machine run several times faster), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sharp_bert_mlm(path: Path, tokenizer) -> Path:
     """A random tiny BERT MLM teacher whose predictions are confident (output LayerNorm scaled
     up), so there is something definite for a student to learn from it."""

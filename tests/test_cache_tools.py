@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from dump_helpers import dump, manifest, one_torch_thread, run_cli  # noqa: F401 (autouse fixture)
+from dump_helpers import dump, manifest, run_cli
 from kdcache.cache.manifest import atomic_write_json
 from kdcache.cache.shards import write_shard
 

@@ -1,7 +1,7 @@
 """dump-logits as a user meets it: dry run, summary, re-runs, --overwrite, --help."""
 from __future__ import annotations
 
-from dump_helpers import assert_same_rows, dump, manifest, one_torch_thread, read_rows, run_cli  # noqa: F401 (autouse fixture)
+from dump_helpers import assert_same_rows, dump, manifest, read_rows, run_cli
 
 ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 30, "--limit", 150, "--mask-copies", 2]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from dump_helpers import dump, manifest, one_torch_thread, read_rows  # noqa: F401 (autouse fixture)
+from dump_helpers import dump, manifest, read_rows
 
 # Stored log-probs are float16: about 3 significant digits.
 RTOL, ATOL = 2e-3, 2e-3

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from dump_helpers import dump, manifest, one_torch_thread  # noqa: F401 (autouse fixture)
+from dump_helpers import dump, manifest
 
 
 def snapshot(directory: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dump_helpers import dump, one_torch_thread, read_rows  # noqa: F401 (autouse fixture)
+from dump_helpers import dump, read_rows
 from conftest import shakespeare_lines
 from kdcache.dump.rows import MaskingRecipe
 

@@ -1,7 +1,6 @@
 """Crash safety and sharding: kill -9 then resume, and a 2-process torchrun dump, equal a plain run row for row."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shakespeare_lines
-from dump_helpers import assert_same_rows, dump, manifest, one_torch_thread, read_rows  # noqa: F401 (autouse fixture)
+from conftest import shakespeare_lines, single_thread_env
+from dump_helpers import assert_same_rows, dump, manifest, read_rows
 
 ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
-
-
-def subprocess_env():
-    # One thread, like the in-process runs (one_torch_thread), so the arithmetic is the same.
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def cli_args(teacher, data, out):
 def test_kill_9_then_resume_is_row_identical(tmp_path, tiny_bert_mlm, corpus, reference):
     out = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, cli_args(tiny_bert_mlm, corpus, out))],
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_sidecar = out / "data" / "_part-00000.stats.json"
     deadline = time.time() + 120
     while not first_sidecar.exists() and proc.poll() is None and time.time() < deadline:
@@ -64,7 +58,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_mlm, corpus, refer
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kdcache", *map(str, cli_args(tiny_bert_mlm, corpus, out))]
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     m = manifest(out)
     assert m["complete"] is True and m["dump"]["world_size"] == 2

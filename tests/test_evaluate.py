@@ -13,12 +13,7 @@ from conftest import shakespeare_lines
 from kdcache.cache.stream import open_cache
 from kdcache.train.evaluate import evaluate
 from kdcache.train.students import Sizes, build_student, plan_student
-from stage2_helpers import CLM, cli_ok, fp16_top1_ties, single_thread_torch, teacher_cache
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread_torch()
+from stage2_helpers import CLM, cli_ok, fp16_top1_ties, teacher_cache
 
 
 @pytest.fixture(scope="module")

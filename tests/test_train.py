@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -12,18 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import shakespeare_lines
+from conftest import shakespeare_lines, single_thread_env
 from kdcache.cache.stream import open_cache
 from kdcache.train.evaluate import evaluate
 from kdcache.train.students import Sizes, build_student, init_from_teacher, plan_student
-from stage2_helpers import cli_error, cli_ok, run_cli, sharp_bert_mlm, single_thread_torch
+from stage2_helpers import cli_error, cli_ok, run_cli, sharp_bert_mlm
 
 TINY = ["--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread_torch()
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +178,10 @@ def _free_port() -> int:
 
 def test_torchrun_two_processes_on_cpu(mlm, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "kdcache", *map(str, train_args(mlm["train"], out, "--epochs", 1, "--save-every", 3,
                                                 "--num-workers", 1, "--device", "cpu"))]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     # --epochs 1 became the step count of the rank with the fewest batches, the same on both ranks.
