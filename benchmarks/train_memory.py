@@ -120,7 +120,7 @@ def main():
     chunked = step_peak_mib(vocab, batch, length, args.k, 1 << 24, env)
     print(f"\nCLM step memory, L2-H128 student, vocab {vocab}, batch {batch} x {length} tokens "
           f"({batch * length * vocab * 4 / 2**20:,.0f} MiB of fp32 logits if materialised):")
-    print(f"| output layer | peak RSS growth over one forward+backward |\n|---|---:|")
+    print("| output layer | peak RSS growth over one forward+backward |\n|---|---:|")
     print(f"| all targets at once | {full:,.0f} MiB |\n| chunks of 16M logits, checkpointed (default) | {chunked:,.0f} MiB |")
 
 

@@ -4,3 +4,5 @@ Stage one and stage two import each other never; both import only from here.
 """
 from . import schema
 from .manifest import read_manifest
+
+__all__ = ["read_manifest", "schema"]
