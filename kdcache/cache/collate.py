@@ -80,11 +80,11 @@ class DecodedRows:
         return parts
 
 
-def _pad(values: np.ndarray, lengths: np.ndarray, width: int, fill: int) -> np.ndarray:
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    within = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out = np.full((len(lengths), width), fill, dtype=np.int64)
-    out[rows, within] = values
+def _pad(values: np.ndarray, real: np.ndarray, fill: int) -> np.ndarray:
+    """Rows' values (concatenated) into a (rows, width) array; `real` marks the filled slots.
+    Boolean assignment fills in row-major order, which is the order the values come in."""
+    out = np.full(real.shape, fill, dtype=np.int64)
+    out[real] = values
     return out
 
 
@@ -96,12 +96,13 @@ def collate(pieces: list[tuple[DecodedRows, np.ndarray]], *, pad_id: int = 0) ->
     token_lengths, target_lengths = parts["token_lengths"], parts["target_lengths"]
     num_rows = len(token_lengths)
     width = int(token_lengths.max()) if num_rows else 0
+    real = np.arange(width)[None, :] < token_lengths[:, None]  # right padding
     batch = {
-        "input_ids": torch.from_numpy(_pad(parts["input_ids"], token_lengths, width, pad_id)),
-        "attention_mask": torch.from_numpy((np.arange(width)[None, :] < token_lengths[:, None]).astype(np.int64)),
+        "input_ids": torch.from_numpy(_pad(parts["input_ids"], real, pad_id)),
+        "attention_mask": torch.from_numpy(real.astype(np.int64)),
     }
     if "token_type_ids" in parts:
-        batch["token_type_ids"] = torch.from_numpy(_pad(parts["token_type_ids"], token_lengths, width, 0))
+        batch["token_type_ids"] = torch.from_numpy(_pad(parts["token_type_ids"], real, 0))
     batch["target_rows"] = torch.from_numpy(np.repeat(np.arange(num_rows, dtype=np.int64), target_lengths))
     batch["target_positions"] = torch.from_numpy(parts["positions"].astype(np.int64))
     batch["labels"] = torch.from_numpy(parts["labels"].astype(np.int64))
