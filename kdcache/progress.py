@@ -4,11 +4,8 @@ from __future__ import annotations
 
 def hide_library_progress_bars() -> None:
     """For --no-progress: also silence transformers' (load/save weights) and datasets' bars."""
+    import datasets
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        import datasets
-        datasets.disable_progress_bars()
-    except ImportError:  # stage two runs without datasets installed
-        pass
+    datasets.disable_progress_bars()
