@@ -19,7 +19,8 @@ from ..cache.collate import move_batch
 from ..cache.manifest import atomic_write_json
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
-from . import checkpoint, distributed
+from .. import distributed
+from . import checkpoint
 from .forward import target_hidden, target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
 from .students import Sizes, auto_class, build_student, init_from_teacher, load_pretrained, plan_student
@@ -141,20 +142,22 @@ def train(cfg: TrainConfig) -> dict:
         raise KdcacheError(f"--alpha {cfg.alpha} must be within [0, 1] (weight of the KD term)")
     if cfg.temperature <= 0:
         raise KdcacheError(f"--temperature {cfg.temperature} must be > 0")
-    out = Path(cfg.out)
-    cache = open_cache(cfg.cache)  # checks every shard before anything is written
-    task = cache.task
-    finished = _check_out_dir(out, cfg.resume)
-    if finished is not None:
-        return finished
-    plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
-                        teacher=cfg.teacher)
-    if cfg.init_from_teacher and plan.kind == "model":
-        raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
-                           "directory (drop --init-from-teacher to continue from its weights)")
+    # Join the process group first: a check that fails on one rank then stops every rank with its message.
     dist = distributed.setup(cfg.device)
     try:
-        return _train(cfg, dist, cache, task, plan, out)
+        with dist.failing_together():
+            out = Path(cfg.out)
+            cache = open_cache(cfg.cache)  # checks every shard before anything is written
+            task = cache.task
+            finished = _check_out_dir(out, cfg.resume)
+            if finished is not None:
+                return finished
+            plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir,
+                                sizes=cfg.sizes, teacher=cfg.teacher)
+            if cfg.init_from_teacher and plan.kind == "model":
+                raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained "
+                                   "model directory (drop --init-from-teacher to continue from its weights)")
+            return _train(cfg, dist, cache, task, plan, out)
     finally:
         dist.close()
 
