@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import KdcacheError
 from .schema import FORMAT_VERSION, MANIFEST_NAME
+from .storage import location
 
 # Manifest keys that define *what* a cache holds. A re-run whose identity differs in any of
 # them would mix two caches in one directory, so it is refused (unless --overwrite).
@@ -32,12 +33,12 @@ def atomic_write_json(path: Path, obj: dict) -> None:
 
 
 def manifest_path(cache_dir: Path) -> Path:
-    return Path(cache_dir) / MANIFEST_NAME
+    return location(cache_dir) / MANIFEST_NAME
 
 
 def read_manifest(cache_dir: Path) -> dict:
     """Load and sanity-check a cache's manifest, with one-line errors for the usual mistakes."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)  # a local folder or an object-store prefix (cache/storage.py)
     path = manifest_path(cache_dir)
     if not cache_dir.exists():
         raise KdcacheError(f"cache directory {cache_dir} does not exist; create it with `kdcache dump-logits`")

@@ -29,6 +29,7 @@ from ..errors import KdcacheError
 from .collate import DecodedRows, collate
 from .manifest import read_manifest
 from .partition import Geometry, Stage, group_order, window_order
+from .storage import ObjectPath, local_dir, location, open_input
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
     schema_for_manifest,
@@ -50,9 +51,9 @@ class RowGroup:
 class OpenCache:
     """A cache whose manifest and shard list were checked: every listed shard is there, with
     the size the manifest records, a readable Parquet footer, the row count and the schema."""
-    dir: Path
+    dir: Path | ObjectPath
     manifest: dict
-    shard_paths: list[Path]
+    shard_paths: list[Path | ObjectPath]
     row_groups: list[RowGroup]
 
     @property
@@ -74,7 +75,8 @@ class OpenCache:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.dir / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
+        # On local disk: the Hugging Face loaders read folders (copied once from a bucket).
+        return local_dir(self.dir / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"))
 
     @property
     def has_token_type_ids(self) -> bool:
@@ -83,7 +85,7 @@ class OpenCache:
 
 def open_cache(cache_dir: str | Path) -> OpenCache:
     """Check a cache before training on it; every problem is a one-line KdcacheError."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)
     manifest = read_manifest(cache_dir)
     shards = sorted(manifest.get("shards") or [], key=lambda s: s["index"])
     if not manifest.get("complete", False):
@@ -104,7 +106,7 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {size} bytes on disk, "
                                f"the manifest says {shard['bytes']}; {fix}")
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = pq.ParquetFile(open_input(path)).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: unreadable Parquet "
@@ -193,7 +195,7 @@ class CacheStream(IterableDataset):
             # would grow with the cache, so only the most recently used stay open.
             while len(self._files) >= OPEN_SHARDS:
                 self._files.pop(next(iter(self._files)))
-            self._files[group.shard] = pq.ParquetFile(self.cache.shard_paths[group.shard])
+            self._files[group.shard] = pq.ParquetFile(open_input(self.cache.shard_paths[group.shard]))
         # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
         table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
         self._last_group = (index, table)

@@ -18,6 +18,7 @@ import torch
 
 from ..cache.collate import move_batch
 from ..cache.manifest import atomic_write_json
+from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
 from .. import distributed
@@ -135,30 +136,34 @@ def _load_teacher(path: Path, task: str, cache, device):
 
 def train(cfg: TrainConfig) -> dict:
     """Train one student; returns the train summary (also written to OUT/train_summary.json)."""
+    # Join the process group first: a check that fails on one rank then stops every rank with its message.
+    dist = distributed.setup(cfg.device)
+    try:
+        with dist.failing_together():
+            return _checked_train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _checked_train(cfg: TrainConfig, dist) -> dict:
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise KdcacheError("pass either --max-steps or --epochs, not both")
     if cfg.alpha < 0 or cfg.alpha > 1:
         raise KdcacheError(f"--alpha {cfg.alpha} must be within [0, 1] (weight of the KD term)")
     if cfg.temperature <= 0:
         raise KdcacheError(f"--temperature {cfg.temperature} must be > 0")
-    # Join the process group first: a check that fails on one rank then stops every rank with its message.
-    dist = distributed.setup(cfg.device)
-    try:
-        with dist.failing_together():
-            out = Path(cfg.out)
-            cache = open_cache(cfg.cache)  # checks every shard before anything is written
-            task = cache.task
-            finished = _check_out_dir(out, cfg.resume)
-            if finished is not None:
-                return finished
-            plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir,
-                                sizes=cfg.sizes, teacher=cfg.teacher)
-            if cfg.init_from_teacher and plan.kind == "model":
-                raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained "
-                                   "model directory (drop --init-from-teacher to continue from its weights)")
-            return _train(cfg, dist, cache, task, plan, out)
-    finally:
-        dist.close()
+    out = Path(cfg.out)
+    cache = open_cache(cfg.cache)  # checks every shard before anything is written
+    task = cache.task
+    finished = _check_out_dir(out, cfg.resume)
+    if finished is not None:
+        return finished
+    plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
+                        teacher=cfg.teacher)
+    if cfg.init_from_teacher and plan.kind == "model":
+        raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
+                           "directory (drop --init-from-teacher to continue from its weights)")
+    return _train(cfg, dist, cache, task, plan, out)
 
 
 def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
@@ -188,7 +193,7 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    identity = {"cache": str(Path(cfg.cache).resolve()), "student": plan.spec, "task": task,
+    identity = {"cache": describe(cfg.cache), "student": plan.spec, "task": task,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                 "temperature": cfg.temperature, "alpha": cfg.alpha, "tail": cfg.tail,
                 "online_teacher": str(cfg.online_teacher) if cfg.online_teacher else None,
