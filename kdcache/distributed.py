@@ -4,15 +4,19 @@ Failing together: a rank that fails with any error writes its message to the ren
 before it exits (`ProcessGroup.failing_together`). The other ranks never block blindly on it:
 barriers and the small reductions here wait in short polls that also look for that message, and
 a collective that breaks because the peer died (gloo: "connection closed") is reported with the
-peer's message instead of the transport's. Either way every rank stops within about a second,
-saying which rank failed and why, and exits non-zero.
+peer's message instead of the transport's; a rank blocked where nothing polls (DDP's gradient
+all-reduce, a NCCL collective whose peer is gone, a long computation) is ended by a watchdog
+thread that checks the store every second. Every rank stops within a few seconds, saying which
+rank failed and why, and exits non-zero.
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -21,6 +25,10 @@ import torch.distributed as dist
 from .errors import KdcacheError
 
 POLL_SECONDS = 0.05
+# How often a rank checks for a peer's failure while it computes (see _Watchdog).
+WATCHDOG_SECONDS = 1.0
+# How long a failing rank waits for the others to read its message before it exits.
+DELIVERY_SECONDS = 3 * WATCHDOG_SECONDS
 # How long a rank waits for a peer's failure message to appear once its own collective broke.
 MESSAGE_GRACE_SECONDS = 5.0
 # Backstop for collectives that are not polled (DDP's gradient all-reduce): a peer that hangs
@@ -39,6 +47,7 @@ class ProcessGroup:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     started: bool = False  # whether this object initialised torch.distributed (and so tears it down)
+    _acknowledged: bool = field(default=False, repr=False)  # this rank has read (or sent) the failure
 
     @property
     def enabled(self) -> bool:
@@ -72,20 +81,37 @@ class ProcessGroup:
             return None
         try:
             if store.check([self._failure_key]):
-                return store.get(self._failure_key).decode()
+                message = store.get(self._failure_key).decode()
+                if not self._acknowledged:  # tells the failing rank its message arrived here
+                    store.add(self._failure_key + "/seen", 1)
+                    self._acknowledged = True
+                return message
         except Exception:  # the store's host is gone: nothing more to learn from it
             return None
         return None
 
     def report_failure(self, error: BaseException) -> None:
-        """Tell the other ranks why this one stops (first failure wins; never raises)."""
+        """Tell the other ranks why this one stops (first failure wins; never raises).
+
+        The first failing rank then waits, briefly, until every other rank has read the message:
+        the store may live in this node's torchrun agent, which ends soon after this process."""
         store = self._store()
         if store is None or isinstance(error, PeerFailed):
             return
         text = str(error).splitlines()[0] if str(error) else ""
         what = text if isinstance(error, KdcacheError) else f"{type(error).__name__}: {text}".rstrip(": ")
+        message = f"rank {self.rank} failed: {what}"
         try:
-            store.compare_set(self._failure_key, "", f"rank {self.rank} failed: {what}")
+            if store.compare_set(self._failure_key, "", message).decode() != message:
+                # Another rank failed first; its message is the one the others report.
+                if not self._acknowledged:
+                    store.add(self._failure_key + "/seen", 1)
+                    self._acknowledged = True
+                return
+            self._acknowledged = True
+            deadline = time.monotonic() + DELIVERY_SECONDS
+            while store.add(self._failure_key + "/seen", 0) < self.world_size - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_SECONDS)
         except Exception:
             pass
 
@@ -115,11 +141,14 @@ class ProcessGroup:
     @contextmanager
     def failing_together(self):
         """Run a stage so that an error on this rank stops every rank with its message."""
+        watchdog = _Watchdog(self) if self.enabled else None
         try:
             yield self
         except PeerFailed:
             raise
         except Exception as e:
+            if watchdog is not None:
+                watchdog.stop()  # this rank is failing already: let it say why itself
             if self.enabled and not isinstance(e, KdcacheError):
                 # Perhaps a collective broke because a peer died: then say what the peer said.
                 try:
@@ -128,6 +157,9 @@ class ProcessGroup:
                     raise peer from None
             self.report_failure(e)
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
 
     # -- collectives ------------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -158,6 +190,31 @@ class ProcessGroup:
         if self.started and dist.is_initialized():
             dist.destroy_process_group()
             self.started = False
+
+
+class _Watchdog:
+    """Ends this process when another rank reports a failure while this one is blocked where no
+    poll runs: inside DDP's gradient all-reduce, or a NCCL collective whose peer is gone (NCCL
+    would wait for the collective timeout). Prints the peer's message like the CLI does."""
+
+    def __init__(self, group: ProcessGroup):
+        self.group, self.done = group, threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kdcache-peer-watchdog", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        own = f"rank {self.group.rank} failed"
+        while not self.done.wait(WATCHDOG_SECONDS):
+            message = self.group.peer_failure()
+            if message is not None and not message.startswith(own):
+                # Give the main thread a moment: a polled wait raises the same message cleanly.
+                if self.done.wait(MESSAGE_GRACE_SECONDS):
+                    return
+                print(f"error: {message}", file=sys.stderr, flush=True)
+                os._exit(PeerFailed.exit_code)
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def _looks_like_transport(error: BaseException) -> bool:

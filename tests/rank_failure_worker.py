@@ -2,7 +2,8 @@
 
 argv: FAIL_RANK WHERE ERROR, with WHERE the collective the other ranks are waiting in when it
 fails ("barrier": kdcache's polled barrier; "broadcast": a plain blocking torch collective, as
-DDP's gradient all-reduce is) and ERROR "kdcache" (a KdcacheError) or "bug" (a ValueError).
+DDP's gradient all-reduce is; "compute": two minutes of work outside any collective, as a rank
+stuck in a NCCL collective would be) and ERROR "kdcache" (a KdcacheError) or "bug" (a ValueError).
 """
 import sys
 import time
@@ -24,6 +25,8 @@ try:
             raise ValueError("a bug on this rank (a test failure)")
         if where == "barrier":
             group.barrier()
+        elif where == "compute":
+            time.sleep(120)
         else:
             dist.broadcast_object_list([None], src=fail_rank)
         group.sum(1.0)

@@ -16,6 +16,8 @@ WORKER = Path(__file__).with_name("rank_failure_worker.py")
     # Two agents standing in for two nodes (torchrun does not stop the other node's workers); the
     # store's own node fails with a bug while the other waits in a plain blocking collective.
     (2, 1, 0, "broadcast", "bug", "rank 0 failed: ValueError: a bug on this rank (a test failure)"),
+    # The other node is busy outside any collective (or stuck in one that never errors): the watchdog ends it.
+    (2, 1, 1, "compute", "kdcache", "rank 1 failed: the shard on this node is unreadable (a test failure)"),
 ])
 def test_a_failing_rank_stops_the_others_with_its_message(nnodes, nproc, fail_rank, where, error, message):
     # A hang would run into the timeout (TimeoutExpired fails the test); a prompt stop takes seconds.
