@@ -97,6 +97,15 @@ def test_train_and_evaluate_from_the_bucket_equal_local(caches, tmp_path):
     assert {k: v for k, v in remote.items() if k != "cache"} == {k: v for k, v in local.items() if k != "cache"}
 
 
+def test_inspect_and_verify_read_the_bucket(caches):
+    remote = json.loads(cli_ok(["inspect", caches["uri"], "--json"]))
+    local = json.loads(cli_ok(["inspect", caches["local"], "--json"]))
+    assert remote.pop("cache") == caches["uri"]
+    local.pop("cache")
+    assert remote == local and remote["rows"] > 0
+    assert f"verified in {caches['uri']}" in cli_ok(["verify", caches["uri"]])
+
+
 def test_bucket_problems_are_one_line_errors(caches, s3_server):
     message = cli_error(["train-student", "--cache", f"s3://{BUCKET}/caches/none", "--student", "L2-H128",
                          "--out", caches["root"] / "x", "--max-steps", 1])
@@ -108,4 +117,6 @@ def test_bucket_problems_are_one_line_errors(caches, s3_server):
         f.write(b"PAR1 not really")
     with pytest.raises(KdcacheError, match=r"part-00002.parquet of cache s3://kd-bucket/caches/broken is corrupt"):
         open_cache(f"s3://{BUCKET}/caches/broken")
+    message = cli_error(["verify", f"s3://{BUCKET}/caches/broken"])
+    assert "part-00002.parquet" in message and "size 15 bytes" in message
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server

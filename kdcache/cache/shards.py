@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .manifest import atomic_write_json
+from .storage import open_stream
 from .schema import (
     DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, POSITIONS,
     SHARD_DIR, SHARD_PATTERN, shard_name, shard_stats_name,
@@ -18,7 +19,7 @@ from .schema import (
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_stream(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -8,16 +8,17 @@ import pyarrow.parquet as pq
 
 from . import schema as S
 from .manifest import read_manifest
+from .storage import location, open_input
 
 
 def cache_stats(cache_dir: Path) -> dict:
     """Streams the shards one row group at a time, so memory stays bounded for big caches."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)
     manifest = read_manifest(cache_dir)
     k = manifest["k"]
     mass_sum, positions, labelled, correct = 0.0, 0, 0, 0
     for entry in manifest.get("shards", []):
-        pf = pq.ParquetFile(cache_dir / entry["file"])
+        pf = pq.ParquetFile(open_input(cache_dir / entry["file"]))
         for g in range(pf.num_row_groups):
             t = pf.read_row_group(g, columns=[S.TOPK_IDS, S.TOPK_LOGPROBS, S.LABELS])
             lp = t.column(S.TOPK_LOGPROBS).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)

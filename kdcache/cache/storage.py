@@ -138,6 +138,11 @@ def open_input(path: Path | ObjectPath):
 _local_copies: dict[str, Path] = {}
 
 
+def open_stream(path: Path | ObjectPath):
+    """A file to read from start to end (hashing), local or in a bucket."""
+    return path.filesystem.open_input_stream(path.path) if isinstance(path, ObjectPath) else open(path, "rb")
+
+
 def local_dir(path: Path | ObjectPath) -> Path:
     """A folder on local disk with the contents of `path` (copied once per process when remote,
     into a temporary folder)."""
