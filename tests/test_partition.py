@@ -132,6 +132,13 @@ def test_random_resize_chains_are_exact():
     assert exact >= 50
 
 
+def test_a_checkpoint_at_the_end_of_an_epoch_resumes_into_an_empty_stage():
+    stage = Stage.first(301, Geometry(2, 2, 8, 1))
+    rest, done = stage.resume(stage.micro_batches, Geometry(1, 3, 8, 2))
+    assert (rest.rows, rest.steps, rest.micro_batches, done) == (0, 0, 0, 0)
+    assert read_in_order(rest) == {0: []}
+
+
 def test_same_geometry_continues_the_stage_itself():
     stage = Stage.first(301, Geometry(2, 2, 8, 1))
     assert stage.resume(7, Geometry(2, 2, 8, 1)) == (stage, 7)
