@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .errors import KdcacheError
 
 POLL_SECONDS = 0.05
+STORE_POLL_SECONDS = 0.5
 # How often a rank checks for a peer's failure while it computes (see _Watchdog).
 WATCHDOG_SECONDS = 1.0
 # How long a failing rank waits for the others to read its message before it exits.
@@ -128,8 +129,12 @@ class ProcessGroup:
     def _wait(self, work) -> None:
         """Wait for an async collective, stopping early when a peer reports a failure."""
         try:
+            next_check = time.monotonic() + STORE_POLL_SECONDS
             while not work.is_completed():
-                self._raise_peer_failure()
+                # The store is asked less often than the collective: thousands of ranks may wait.
+                if time.monotonic() >= next_check:
+                    self._raise_peer_failure()
+                    next_check = time.monotonic() + STORE_POLL_SECONDS
                 time.sleep(POLL_SECONDS)
             work.wait()
         except PeerFailed:

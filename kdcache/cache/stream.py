@@ -270,6 +270,7 @@ class CacheStream(IterableDataset):
             pieces.append(table.slice(a, b - a))
         return pa.concat_tables(pieces)
 
+
 class StreamLoader:
     """A DataLoader over a CacheStream that knows its position: (epoch, stage, micro-batches
     consumed), the same on every rank (see kdcache.cache.partition).
