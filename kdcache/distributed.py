@@ -30,6 +30,7 @@ STORE_POLL_SECONDS = 0.5
 WATCHDOG_SECONDS = 1.0
 # How long a failing rank waits for the others to read its message before it exits.
 DELIVERY_SECONDS = 3 * WATCHDOG_SECONDS
+DELIVERY_MARGIN_SECONDS = 0.5
 # How long a rank waits for a peer's failure message to appear once its own collective broke.
 MESSAGE_GRACE_SECONDS = 5.0
 # Backstop for collectives that are not polled (DDP's gradient all-reduce): a peer that hangs
@@ -49,6 +50,7 @@ class ProcessGroup:
     device: torch.device = torch.device("cpu")
     started: bool = False  # whether this object initialised torch.distributed (and so tears it down)
     _acknowledged: bool = field(default=False, repr=False)  # this rank has read (or sent) the failure
+    _peer_failure_raised: bool = field(default=False, repr=False)  # the main thread stops with it
 
     @property
     def enabled(self) -> bool:
@@ -113,6 +115,7 @@ class ProcessGroup:
             deadline = time.monotonic() + DELIVERY_SECONDS
             while store.add(self._failure_key + "/seen", 0) < self.world_size - 1 and time.monotonic() < deadline:
                 time.sleep(POLL_SECONDS)
+            time.sleep(DELIVERY_MARGIN_SECONDS)  # read is not yet printed: let the others say it first
         except Exception:
             pass
 
@@ -121,6 +124,7 @@ class ProcessGroup:
         while True:
             message = self.peer_failure()
             if message is not None:
+                self._peer_failure_raised = True
                 raise PeerFailed(message)
             if time.monotonic() >= deadline:
                 return
@@ -212,9 +216,10 @@ class _Watchdog:
         while not self.done.wait(WATCHDOG_SECONDS):
             message = self.group.peer_failure()
             if message is not None and not message.startswith(own):
-                # Give the main thread a moment: a polled wait raises the same message cleanly.
-                if self.done.wait(MESSAGE_GRACE_SECONDS):
-                    return
+                if self.done.is_set() or self.group._peer_failure_raised:
+                    return  # the main thread is already stopping with it
+                # At once: this node's agent may stop this process as soon as the failing node's
+                # agent (which may hold the store) is gone.
                 print(f"error: {message}", file=sys.stderr, flush=True)
                 os._exit(PeerFailed.exit_code)
 
