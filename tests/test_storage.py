@@ -120,3 +120,10 @@ def test_bucket_problems_are_one_line_errors(caches, s3_server):
     message = cli_error(["verify", f"s3://{BUCKET}/caches/broken"])
     assert "part-00002.parquet" in message and "size 15 bytes" in message
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
+
+
+def test_dump_to_a_bucket_is_refused_without_writing_anything(tmp_path, tiny_bert_mlm, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = cli_error(["dump-logits", "--teacher", tiny_bert_mlm, "--out", f"s3://{BUCKET}/new", "--no-progress"])
+    assert "not yet to object storage" in message and f"s3://{BUCKET}/new" in message
+    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:" either
