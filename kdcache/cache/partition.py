@@ -122,6 +122,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Stage:
+    """What is left of an epoch and who reads it (see the module docstring)."""
     spans: tuple[Span, ...]   # the unread rows, as [lo, hi) ranges of the epoch sequence, in order
     steps: int                # optimizer steps left in the epoch for them
     geometry: Geometry
@@ -206,8 +207,15 @@ class Stage:
         if batches % old.grad_accum:
             raise KdcacheError(f"cannot resume exactly: the checkpoint is {batches % old.grad_accum} micro-batch(es) "
                                "into an optimizer step; resume with the original geometry")
-        stage = Stage(self.unread(batches), self.steps - batches // old.grad_accum, geometry)
-        return stage, 0
+        spans, steps = self.unread(batches), self.steps - batches // old.grad_accum
+        try:
+            return Stage(spans, steps, geometry), 0
+        except KdcacheError:
+            rows = sum(hi - lo for lo, hi in spans)
+            raise KdcacheError(
+                f"cannot resume exactly: the epoch's {rows} unread rows do not fill {steps} step(s) of "
+                f"{geometry.describe()} without an empty micro-batch; resume with {old.describe()} until the "
+                "epoch ends, or with a smaller --grad-accum") from None
 
     # -- (de)serialisation for checkpoints: plain ints and lists only ----------------------------
     def to_state(self) -> dict:
