@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from . import schema as S
 from .manifest import read_manifest
-from .storage import location, open_input
+from .storage import location, parquet_file
 
 
 def cache_stats(cache_dir: Path) -> dict:
@@ -18,7 +18,7 @@ def cache_stats(cache_dir: Path) -> dict:
     k = manifest["k"]
     mass_sum, positions, labelled, correct = 0.0, 0, 0, 0
     for entry in manifest.get("shards", []):
-        pf = pq.ParquetFile(open_input(cache_dir / entry["file"]))
+        pf = parquet_file(cache_dir / entry["file"])
         for g in range(pf.num_row_groups):
             t = pf.read_row_group(g, columns=[S.TOPK_IDS, S.TOPK_LOGPROBS, S.LABELS])
             lp = t.column(S.TOPK_LOGPROBS).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)

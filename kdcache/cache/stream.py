@@ -16,6 +16,7 @@ Design (after mosaicml/streaming, applied to soft targets):
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from ..errors import KdcacheError
 from .collate import DecodedRows, collate
 from .manifest import read_manifest
 from .partition import Geometry, Stage, group_order, window_order
-from .storage import ObjectPath, local_dir, location, open_input
+from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
     schema_for_manifest,
@@ -38,6 +39,8 @@ from .schema import (
 DEFAULT_SHUFFLE_BUFFER = 2048
 # Shard files a stream keeps open at once: re-opening one costs only a footer read.
 OPEN_SHARDS = 1
+# From a bucket, fetch the next shuffle window while decoding this one (see CacheStream.read_spans).
+BUCKET_READ_AHEAD = True
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {size} bytes on disk, "
                                f"the manifest says {shard['bytes']}; {fix}")
         try:
-            meta = pq.ParquetFile(open_input(path)).metadata
+            meta = parquet_file(path).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: unreadable Parquet "
@@ -195,7 +198,7 @@ class CacheStream(IterableDataset):
             # would grow with the cache, so only the most recently used stay open.
             while len(self._files) >= OPEN_SHARDS:
                 self._files.pop(next(iter(self._files)))
-            self._files[group.shard] = pq.ParquetFile(open_input(self.cache.shard_paths[group.shard]))
+            self._files[group.shard] = parquet_file(self.cache.shard_paths[group.shard])
         # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
         table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
         self._last_group = (index, table)
@@ -206,23 +209,45 @@ class CacheStream(IterableDataset):
 
     def read_spans(self, epoch: int, spans):
         """Rows of epoch `epoch`'s sequence (see kdcache.cache.partition), span by span, as
-        (decoded window, row indices into it) pairs; a window is decoded once while it is in use."""
+        (decoded window, row indices into it) pairs; a window is decoded once while it is in use.
+
+        From a bucket, the next window's row groups are fetched while this one is consumed (one
+        window ahead, in one background thread: reads stay sequential, memory stays bounded)."""
         order = self.group_order(epoch)
         sizes = np.array([self.cache.row_groups[i].rows for i in order], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
         total, width = self.cache.num_rows, self.shuffle_buffer
-        current = None  # (window index, decoded rows, their order)
-        for lo, hi in spans:
-            for window in range(lo // width, (hi - 1) // width + 1):
+        visits = [(window, lo, hi) for lo, hi in spans for window in range(lo // width, (hi - 1) // width + 1)]
+        windows = [w for i, (w, _, _) in enumerate(visits) if i == 0 or visits[i - 1][0] != w]
+
+        def fetch(k: int) -> pa.Table:
+            w_lo = windows[k] * width
+            return self._window_rows(epoch, order, starts, w_lo, min(w_lo + width, total))
+
+        remote = isinstance(self.cache.dir, ObjectPath)
+        ahead = ThreadPoolExecutor(1) if BUCKET_READ_AHEAD and remote and len(windows) > 1 else None
+        queued: dict[int, Future] = {}
+        current, k = None, -1  # (window index, decoded rows, their order); position in `windows`
+        try:
+            for window, lo, hi in visits:
                 w_lo = window * width
                 w_hi = min(w_lo + width, total)
                 if current is None or current[0] != window:
-                    current = None  # drop the previous window before decoding the next
-                    table = self._window_rows(epoch, order, starts, w_lo, w_hi)
+                    current, k = None, k + 1  # drop the previous window before decoding the next
+                    if ahead is None:
+                        table = fetch(k)
+                    else:
+                        future = queued.pop(k, None) or ahead.submit(fetch, k)
+                        if k + 1 < len(windows):
+                            queued[k + 1] = ahead.submit(fetch, k + 1)
+                        table = future.result()
                     decoded = DecodedRows(table, soft_targets=self.soft_targets)
                     del table  # the decoded copy is all that is needed now; don't hold both
                     current = (window, decoded, window_order(w_hi - w_lo, self.seed, epoch, window, self.shuffle))
                 yield current[1], current[2][max(lo, w_lo) - w_lo:min(hi, w_hi) - w_lo]
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=True, cancel_futures=True)
 
     def worker_sequence(self, worker: int, skip: int = 0):
         """This rank's worker `worker`: its rows of the current stage, in order, after the first
