@@ -7,8 +7,10 @@ optionally over a real cache repeated to size (--real-cache, e.g. the quickstart
 runs/causal_lm-small/cache: real top-k ids compress ~2x, so zstd costs more than on random ids).
 Next to it, the floor: reading the same row groups' columns with pyarrow and nothing else;
 "loader / decode" is what kdcache's shuffling and collation add to that.
+Last, the cost of the read-time integrity check: the same loader with and without verifying
+the shards' Parquet page CRCs, interleaved (--crc-only runs just that).
 
-    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR]
+    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR] [--crc-only] [--crc-pairs 15]
 """
 from __future__ import annotations
 
@@ -55,6 +57,40 @@ def decode_only(cache: Path, soft: bool = True) -> float:
     return n / (time.process_time() - cpu)
 
 
+def crc_cost(cache: Path, *, batch_size: int, repeats: int) -> tuple[float, float, float]:
+    """(loader positions per CPU-second with page-CRC verification, without, cost), medians over
+    `repeats` adjacent pairs: the same stream, its shards opened with and without verification,
+    the order alternating within pairs. The cost is the median of the pairs' time ratios - 1, so
+    a load change on the shared machine between pairs cancels out."""
+    import pyarrow.parquet as pq
+
+    from kdcache.cache import stream as stream_module
+    verifying = stream_module.open_shard
+
+    def unverified(path):
+        return pq.ParquetFile(path)
+
+    def rate(opener) -> float:
+        stream_module.open_shard = opener
+        try:
+            return positions_per_second(cache, batch_size=batch_size)[1]
+        finally:
+            stream_module.open_shard = verifying
+
+    with_crc, without, costs = [], [], []
+    for i in range(repeats):
+        if i % 2:
+            b = rate(unverified)
+            a = rate(verifying)
+        else:
+            a = rate(verifying)
+            b = rate(unverified)
+        with_crc.append(a)
+        without.append(b)
+        costs.append(b / a - 1)
+    return statistics.median(with_crc), statistics.median(without), statistics.median(costs)
+
+
 def tiled_real_cache(source: Path, out: Path, rows: int) -> Path:
     """`source`'s rows repeated (new example ids) to at least `rows` rows, same schema and writer."""
     import json
@@ -94,6 +130,8 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--real-cache", type=Path, default=None, help="a real cache to repeat to --rows rows")
     ap.add_argument("--json", type=Path, default=None, help="also write the medians here (compare_revisions.py)")
+    ap.add_argument("--crc-only", action="store_true", help="only the page-CRC verification cost")
+    ap.add_argument("--crc-pairs", type=int, default=15, help="with/without-verification pairs per cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_loader_"))
@@ -110,6 +148,8 @@ def main():
         caches.append((f"real: {args.real_cache} repeated", tiled_real_cache(args.real_cache, work / "real", args.rows)))
     results = {}
     for name, cache in caches:
+        if args.crc_only:
+            break
         rates, floors = [], []
         positions_per_second(cache, batch_size=args.batch_size)  # warm-up: page cache, allocator, imports
         for _ in range(args.repeats):  # interleaved, so both see the same machine
@@ -123,6 +163,16 @@ def main():
         print(f"| {name} | {opened.num_rows:,} | {per_row:.0f} | {opened.k} | {wall:,.0f} | {cpu:,.0f} | "
               f"{floor:,.0f} | {floor / cpu:.2f} | >= 500,000 |")
         results[name] = {"loader_per_cpu_second": cpu, "decode_per_cpu_second": floor}
+    print(f"\n| cache | loader per CPU-second, page CRCs verified | not verified | cost of verifying "
+          f"(median of {args.crc_pairs} pairs) |")
+    print("|---|---:|---:|---:|")
+    for name, cache in caches:
+        positions_per_second(cache, batch_size=args.batch_size)  # warm-up
+        verified, unverified, cost = crc_cost(cache, batch_size=args.batch_size, repeats=args.crc_pairs)
+        print(f"| {name} | {verified:,.0f} | {unverified:,.0f} | {cost:+.1%} |", flush=True)
+        results.setdefault(name, {})["crc_cost"] = cost
+    if args.crc_only:
+        return
     mlm = caches[1][1]
     rates = [positions_per_second(mlm, batch_size=args.batch_size, soft=False) for _ in range(args.repeats)]
     print(f"\nhard labels only (alpha 0: top-k columns not read), mlm cache: "

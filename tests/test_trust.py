@@ -181,6 +181,24 @@ def test_case3_preset_student_is_the_same_when_the_teacher_is_gone(setup, tmp_pa
     assert without["tie_word_embeddings"] is True and without["max_position_embeddings"] == 256
 
 
+def test_case3_a_gguf_teachers_derived_config_is_what_the_cache_stores(tmp_path):
+    """A GGUF teacher has no config.json: the cache keeps the config transformers derived from it."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from kdcache.dump.teacher import Teacher, config_json
+
+    derived = LlamaConfig(vocab_size=99, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                          max_position_embeddings=77, tie_word_embeddings=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "bert"}')  # must not be taken for a GGUF
+    teacher = Teacher(model=None, tokenizer=None, task="clm", source="x.gguf", gguf_file="x.gguf", config=derived,
+                      vocab_size=99, target_vocab_size=99, max_positions=77, load_source=str(tmp_path / "model"))
+    (tmp_path / "config.json").write_bytes(config_json(teacher))
+    stored = AutoConfig.from_pretrained(tmp_path / "config.json").to_dict()
+    where = "_name_or_path"  # only where it was read from
+    assert {k: v for k, v in stored.items() if k != where} == {k: v for k, v in derived.to_dict().items() if k != where}
+
+
 # ------------------------------------------------------------------ 4. disk full
 
 def enospc(*args, **kwargs):
@@ -243,6 +261,9 @@ def test_case6_student_out_inside_a_cache_and_cache_inside_out_are_refused(setup
     for out in (cache / "data", cache, cache / "tokenizer" / "sub"):
         one_line_error(train_args(cache, out), "inside the cache", str(cache))
     one_line_error(train_args(cache, tmp_path), "inside --out", str(cache))
+    # A cache dumped into another cache's folders would break it the same way.
+    one_line_error(["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out",
+                    cache / "data" / "nested", *DUMP], "inside the cache", str(cache))
     assert snapshot(tmp_path) == before
     import pandas as pd
     assert len(pd.read_parquet(cache / "data")) == json.loads((cache / "manifest.json").read_text())["totals"]["rows"]

@@ -18,7 +18,7 @@ import torch
 from .. import __version__
 from ..cache import schema as S
 from ..cache.manifest import (
-    atomic_write_bytes, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
+    atomic_write_bytes, enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
 )
 from ..cache.shards import complete_shards, remove_partial_files
 from ..errors import KdcacheError
@@ -140,6 +140,10 @@ def check_output_dir(out: Path, new_identity: dict, overwrite: bool) -> bool:
     """
     if out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out} is a file, not a directory; choose a new directory for the cache")
+    outer = enclosing_cache(out.parent)
+    if outer is not None:
+        raise KdcacheError(f"--out {out} is inside the cache {outer}: its files would mix with that cache's (and "
+                           "`pandas.read_parquet(CACHE/data)` would break); choose an --out outside it")
     if not out.exists():
         return False
     if manifest_path(out).is_file():
