@@ -278,6 +278,14 @@ def test_case7_resume_without_a_checkpoint_is_refused(setup, tmp_path):
     (tmp_path / "empty").mkdir()
     one_line_error(train_args(setup["cache"], tmp_path / "empty", "--resume"), "no checkpoint")
     assert list((tmp_path / "empty").iterdir()) == []
+    # A run that was started but stopped before its first checkpoint (what a sweep re-run resumes)
+    # has nothing to continue from: --resume starts it again, and says so.
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "train_summary.json").write_text(json.dumps({"done": False, "steps": 0}))
+    code, _, err = run_cli(train_args(setup["cache"], started, "--resume"))
+    assert code == 0 and "starting it again from step 0" in err, err
+    assert json.loads((started / "train_summary.json").read_text())["done"] is True
 
 
 # ------------------------------------------------------------------ 8. empty and binary corpora

@@ -86,7 +86,8 @@ def manifest_path(cache_dir: Path) -> Path:
 
 def enclosing_cache(path: Path) -> Path | None:
     """The kdcache cache that `path` is (or lies inside), if any; `path` need not exist."""
-    for folder in (Path(path).absolute(), *Path(path).absolute().parents):
+    path = Path(os.path.abspath(path))  # '..' collapsed, so parents are the real ones
+    for folder in (path, *path.parents):
         try:
             manifest = json.loads(manifest_path(folder).read_text())
         except (OSError, ValueError):

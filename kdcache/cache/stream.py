@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import KdcacheError
 from .collate import DecodedRows, collate
-from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 from .manifest import read_manifest, resolve_inside
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
     schema_for_manifest,
 )
+from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 
 DEFAULT_SHUFFLE_BUFFER = 2048
 # Shard files a stream keeps open at once: re-opening one costs only a footer read.

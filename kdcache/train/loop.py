@@ -117,7 +117,7 @@ def _check_out_dir(out: Path, resume: bool, cache_dir: Path) -> dict | None:
     if inside is not None:
         raise KdcacheError(f"--out {out} is inside the cache {inside}: the student's files would mix with the cache's "
                            "(and `pandas.read_parquet(CACHE/data)` would break); choose an --out outside the cache")
-    if Path(cache_dir).absolute().is_relative_to(out.absolute()):
+    if Path(os.path.abspath(cache_dir)).is_relative_to(os.path.abspath(out)):
         raise KdcacheError(f"--cache {cache_dir} is inside --out {out}: the student's folder would carry the cache "
                            "along, and replacing the student would lose it; choose an --out that does not hold the cache")
     summary_path = out / SUMMARY
@@ -126,11 +126,12 @@ def _check_out_dir(out: Path, resume: bool, cache_dir: Path) -> dict | None:
     if not resume and (ckpt is not None or (summary or {}).get("done")):
         what = "a finished student" if (summary or {}).get("done") else f"a checkpoint ({ckpt.name})"
         raise KdcacheError(f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out")
-    if resume and ckpt is None and summary is None:
-        # Nothing was ever started there: most likely a mistyped --out, which must not train from scratch.
+    if resume and ckpt is None and not any((out / name).is_file() for name in (SUMMARY, METRICS)):
+        # No train-student run was ever started there: most likely a mistyped --out, which must
+        # not silently train from scratch.
         raise KdcacheError(f"--resume: --out {out} holds no checkpoint and no run to continue; check the --out "
                            "path, or drop --resume to start a new run there")
-    if resume and ckpt is None and not summary.get("done"):
+    if resume and ckpt is None and not (summary or {}).get("done"):
         # A run that stopped before its first checkpoint: continuing it means starting it over.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"--resume: the run in {out} stopped before its first checkpoint; starting it again from step 0",
