@@ -110,11 +110,10 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             meta = pq.ParquetFile(path).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for a damaged file
-            raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: unreadable Parquet "
-                               f"({str(e).splitlines()[0]}); {fix}") from None
+            # Its sidecar still says "complete", so only deleting both makes the dump rewrite it.
+            raise corrupt_shard_error(cache_dir, shard, f"unreadable Parquet: {str(e).splitlines()[0]}") from None
         if meta.num_rows != shard["rows"]:
-            raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {meta.num_rows} rows, "
-                               f"the manifest says {shard['rows']}; {fix}")
+            raise corrupt_shard_error(cache_dir, shard, f"{meta.num_rows} rows, the manifest says {shard['rows']}")
         for name in REQUIRED_COLUMNS + ((TOKEN_TYPE_IDS,) if TOKEN_TYPE_IDS in expected.names else ()):
             if name not in schema.names or schema.field(name).type != expected.field(name).type:
                 found = schema.field(name).type if name in schema.names else "missing"
