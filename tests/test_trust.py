@@ -98,6 +98,30 @@ def test_case1_bit_flip_in_a_shard_is_caught_by_training_and_evaluation(setup, t
     cli_ok(["verify", cache])
 
 
+def test_case1_no_flipped_bit_in_a_shards_pages_decodes_silently(setup, tmp_path):
+    """Every 5th byte of a real shard's page area, one bit flipped: reading it as kdcache does
+    either fails or (a bit no decoder uses) gives the very same rows, never different values."""
+    from kdcache.cache.shards import READ_ERRORS, open_shard
+
+    good = (setup["cache"] / "data" / "part-00001.parquet").read_bytes()
+    expected = pq.read_table(setup["cache"] / "data" / "part-00001.parquet")
+    footer = int.from_bytes(good[-8:-4], "little")
+    outcomes = {"error": 0, "same": 0}
+    path = tmp_path / "flipped.parquet"
+    for offset in range(4, len(good) - 8 - footer, 5):
+        flipped = bytearray(good)
+        flipped[offset] ^= 1 << (offset % 8)
+        path.write_bytes(bytes(flipped))
+        try:
+            table = open_shard(path).read()
+        except READ_ERRORS:
+            outcomes["error"] += 1
+            continue
+        assert table.equals(expected), f"a flip at byte {offset} changed the data silently"
+        outcomes["same"] += 1
+    assert outcomes["error"] > 0.95 * sum(outcomes.values()), outcomes
+
+
 def test_case1_shards_carry_page_checksums_and_old_caches_without_them_still_load(setup, tmp_path):
     from kdcache.cache.stream import CacheStream
 
