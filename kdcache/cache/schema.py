@@ -26,6 +26,8 @@ UNKNOWN_LABEL = -1
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+# What stage two needs of the teacher (its config.json), so a cache works without the teacher.
+TEACHER_CONFIG = "teacher/config.json"
 # Shards live alone in data/, so `pandas.read_parquet("CACHE/data")` and
 # `pyarrow.dataset.dataset("CACHE/data")` work as they are.
 SHARD_DIR = "data"

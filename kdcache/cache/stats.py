@@ -4,10 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from . import schema as S
-from .manifest import read_manifest
+from .manifest import read_manifest, resolve_inside
+from .shards import READ_ERRORS, corrupt_shard_error, open_shard
+
+
+def _row_groups(cache_dir: Path, entry: dict, path: Path):
+    """(index, table) of each row group of a shard; a damaged one is a one-line error."""
+    try:
+        pf = open_shard(path)
+        for g in range(pf.num_row_groups):
+            yield g, pf.read_row_group(g, columns=[S.TOPK_IDS, S.TOPK_LOGPROBS, S.LABELS])
+    except READ_ERRORS as e:
+        raise corrupt_shard_error(cache_dir, entry, e) from None
 
 
 def cache_stats(cache_dir: Path) -> dict:
@@ -16,10 +26,10 @@ def cache_stats(cache_dir: Path) -> dict:
     manifest = read_manifest(cache_dir)
     k = manifest["k"]
     mass_sum, positions, labelled, correct = 0.0, 0, 0, 0
-    for entry in manifest.get("shards", []):
-        pf = pq.ParquetFile(cache_dir / entry["file"])
-        for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g, columns=[S.TOPK_IDS, S.TOPK_LOGPROBS, S.LABELS])
+    entries = manifest.get("shards", [])
+    paths = [resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file") for i, entry in enumerate(entries)]
+    for entry, path in zip(entries, paths):
+        for g, t in _row_groups(cache_dir, entry, path):
             lp = t.column(S.TOPK_LOGPROBS).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
             lp = lp.astype(np.float64).reshape(-1, k)
             ids = t.column(S.TOPK_IDS).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)

@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import KdcacheError
 from .collate import DecodedRows, collate
-from .manifest import read_manifest
+from .manifest import read_manifest, resolve_inside
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
     schema_for_manifest,
 )
+from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 
 DEFAULT_SHUFFLE_BUFFER = 2048
 # Shard files a stream keeps open at once: re-opening one costs only a footer read.
@@ -75,7 +76,7 @@ class OpenCache:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.dir / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer")
+        return resolve_inside(self.dir, (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
 
     @property
     def has_token_type_ids(self) -> bool:
@@ -95,8 +96,9 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
         raise KdcacheError(f"cache {cache_dir} lists no shards; re-create it with `kdcache dump-logits`")
     expected = schema_for_manifest(manifest)
     paths, groups = [], []
+    resolve_inside(cache_dir, (manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
     for i, shard in enumerate(shards):
-        path = cache_dir / shard["file"]
+        path = resolve_inside(cache_dir, shard.get("file"), f"shards[{i}].file")
         fix = f"re-run the dump-logits command that made it (it rewrites missing shards) or `kdcache verify {cache_dir}`"
         if not path.is_file():
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is missing; {fix}")
@@ -108,11 +110,10 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             meta = pq.ParquetFile(path).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for a damaged file
-            raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: unreadable Parquet "
-                               f"({str(e).splitlines()[0]}); {fix}") from None
+            # Its sidecar still says "complete", so only deleting both makes the dump rewrite it.
+            raise corrupt_shard_error(cache_dir, shard, f"unreadable Parquet: {str(e).splitlines()[0]}") from None
         if meta.num_rows != shard["rows"]:
-            raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {meta.num_rows} rows, "
-                               f"the manifest says {shard['rows']}; {fix}")
+            raise corrupt_shard_error(cache_dir, shard, f"{meta.num_rows} rows, the manifest says {shard['rows']}")
         for name in REQUIRED_COLUMNS + ((TOKEN_TYPE_IDS,) if TOKEN_TYPE_IDS in expected.names else ()):
             if name not in schema.names or schema.field(name).type != expected.field(name).type:
                 found = schema.field(name).type if name in schema.names else "missing"
@@ -226,9 +227,13 @@ class CacheStream(IterableDataset):
             # would grow with the cache, so only the most recently used stay open.
             while len(self._files) >= OPEN_SHARDS:
                 self._files.pop(next(iter(self._files)))
-            self._files[group.shard] = pq.ParquetFile(self.cache.shard_paths[group.shard])
-        # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
-        table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
+            self._files[group.shard] = open_shard(self.cache.shard_paths[group.shard])
+        try:
+            # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
+            table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
+        except READ_ERRORS as e:  # a page CRC mismatch, or a flip that broke decoding first
+            entry = sorted(self.cache.manifest["shards"], key=lambda s: s["index"])[group.shard]
+            raise corrupt_shard_error(self.cache.dir, entry, e) from None
         self._last_group = (index, table)
         return table
 
@@ -303,6 +308,16 @@ class CacheStream(IterableDataset):
             yield collate(pending, pad_id=self.cache.pad_id)
 
 
+def worker_message(error: KdcacheError) -> str:
+    """The one-line message of a KdcacheError raised in a DataLoader worker: torch re-raises it
+    in the main process wrapped with the worker's traceback; the message is its last line."""
+    text = str(error)
+    marker = "KdcacheError: "
+    if "Traceback" in text and marker in text:
+        return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+    return text
+
+
 class StreamLoader:
     """A DataLoader over a CacheStream that knows its position (seed, epoch, samples consumed).
 
@@ -323,10 +338,13 @@ class StreamLoader:
         # or resuming would shift dropout masks relative to an uninterrupted run.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.stream.num_workers,
                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
-        for batch in loader:
-            self.samples += batch["num_rows"]
-            self.batches += 1
-            yield batch
+        try:
+            for batch in loader:
+                self.samples += batch["num_rows"]
+                self.batches += 1
+                yield batch
+        except KdcacheError as e:
+            raise KdcacheError(worker_message(e)) from None
 
     def next_epoch(self) -> None:
         self.epoch, self.samples, self.batches = self.epoch + 1, 0, 0

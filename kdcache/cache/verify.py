@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from ..errors import KdcacheError
 from . import schema as S
-from .manifest import read_manifest
+from .manifest import read_manifest, resolve_inside
 from .shards import file_sha256
 
 
@@ -24,7 +24,7 @@ def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
 
 def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
     """Why this shard is bad, in a few words; None when it is fine."""
-    path = Path(cache_dir) / entry["file"]
+    path = Path(cache_dir) / entry["file"]  # confined by verify_cache before
     if not path.is_file():
         return "file is missing"
     if path.stat().st_size != entry["bytes"]:
@@ -32,7 +32,7 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
     if file_sha256(path) != entry["sha256"]:
         return "sha256 does not match the manifest (corrupted or modified)"
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad shard
         return f"unreadable Parquet ({type(e).__name__})"
     expected = S.schema_for_manifest(manifest)
@@ -75,6 +75,9 @@ def verify_cache(cache_dir: Path, progress=None) -> dict:
     if len(shards) != manifest.get("num_shards"):
         raise KdcacheError(f"{cache_dir} is incomplete ({len(shards)} of {manifest.get('num_shards')} shards); "
                            "re-run the same `kdcache dump-logits` command to finish it")
+    for i, entry in enumerate(shards):
+        resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file")
+    resolve_inside(cache_dir, (manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
     for entry in shards:
         problem = check_shard(cache_dir, manifest, entry)
         if problem:

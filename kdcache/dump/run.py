@@ -17,14 +17,16 @@ import torch
 
 from .. import __version__
 from ..cache import schema as S
-from ..cache.manifest import atomic_write_json, identity_differences, manifest_path, read_manifest
+from ..cache.manifest import (
+    atomic_write_bytes, enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
+)
 from ..cache.shards import complete_shards, remove_partial_files
 from ..errors import KdcacheError
 from .batching import make_batches, padded_tokens
 from .corpus import load_corpus
 from .rows import MaskingRecipe, RowPlan, tokenize_corpus
 from .targets import topk_targets
-from .teacher import load_model, load_teacher
+from .teacher import config_json, load_model, load_teacher
 from .writer import ShardWriter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -138,6 +140,10 @@ def check_output_dir(out: Path, new_identity: dict, overwrite: bool) -> bool:
     """
     if out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out} is a file, not a directory; choose a new directory for the cache")
+    outer = enclosing_cache(out.parent)
+    if outer is not None:
+        raise KdcacheError(f"--out {out} is inside the cache {outer}: its files would mix with that cache's (and "
+                           "`pandas.read_parquet(CACHE/data)` would break); choose an --out outside it")
     if not out.exists():
         return False
     if manifest_path(out).is_file():
@@ -171,7 +177,7 @@ def check_writable(out: Path) -> None:
 def clear_cache(out: Path) -> None:
     """Remove only what a cache consists of, never other files a user may keep there."""
     manifest_path(out).unlink(missing_ok=True)
-    for sub in (S.SHARD_DIR, S.TOKENIZER_DIR):
+    for sub in (S.SHARD_DIR, S.TOKENIZER_DIR, Path(S.TEACHER_CONFIG).parent):
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
@@ -204,6 +210,7 @@ def build_manifest(opts: DumpOptions, teacher, corpus, *, task, k, dtype, max_le
         "special_token_ids": special_token_ids(teacher.tokenizer),
         "teacher": teacher.fingerprint,
         "tokenizer": {"sha256": teacher.tokenizer_sha256, "dir": S.TOKENIZER_DIR},
+        "teacher_config": S.TEACHER_CONFIG,
         "data": corpus.description,
         "complete": False,
         "num_shards": num_shards,
@@ -233,6 +240,11 @@ def validate(opts: DumpOptions, dist: Dist):
         raise KdcacheError(f"--mlm-probability must be in (0, 1), got {opts.mlm_probability}")
     if opts.limit is not None and opts.limit < 1:
         raise KdcacheError(f"--limit must be >= 1, got {opts.limit}")
+    # Explicit zeros are mistakes, not "use the default" (`or` below would swallow them).
+    for option, value, least in (("--max-length", opts.max_length, 2), ("--batch-size", opts.batch_size, 1),
+                                 ("--max-tokens-per-batch", opts.max_tokens_per_batch, 1)):
+        if value is not None and value < least:
+            raise KdcacheError(f"{option} must be >= {least}, got {value}; leave it out for the default")
     device = resolve_device(opts.device, dist)
     dtype = resolve_dtype(opts.dtype, device)
     teacher = load_teacher(opts.teacher, task=opts.task, trust_remote_code=opts.trust_remote_code, load_weights=False)
@@ -390,8 +402,12 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
                 clear_cache(out)
             remove_partial_files(out)
             # Manifest first: a run killed right after still leaves a directory recognised as this cache.
-            atomic_write_json(manifest_path(out), with_shards(manifest, out))
-            teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
+            write_cache_json(manifest_path(out), with_shards(manifest, out))
+            with writing("the tokenizer", out / S.TOKENIZER_DIR):
+                teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
+            with writing("the teacher config", out / S.TEACHER_CONFIG):
+                (out / S.TEACHER_CONFIG).parent.mkdir(exist_ok=True)
+                atomic_write_bytes(out / S.TEACHER_CONFIG, config_json(teacher))
         except KdcacheError as e:
             error = str(e)
     dist.share_error(error)
@@ -403,7 +419,7 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
 
     def on_written(stats):
         if dist.rank == 0:  # rank 0 owns the manifest; other ranks' sidecars are picked up too
-            atomic_write_json(manifest_path(out), with_shards(manifest, out))
+            write_cache_json(manifest_path(out), with_shards(manifest, out))
 
     runner = TeacherRunner(teacher, task, k, device, pad_id=teacher.tokenizer.pad_token_id or 0)
     writer = ShardWriter(out, arrow_schema, k, on_written=on_written, threads=writer_threads(device))
@@ -452,7 +468,7 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
     final = with_shards(manifest, out)
     final["dump"] = accumulate_runs(previous_run, run_info)
     if dist.rank == 0:
-        atomic_write_json(manifest_path(out), final)
+        write_cache_json(manifest_path(out), final)
     summary = summarize(final, run_info, out)
     echo(summary)
     return DumpResult(final, final["totals"]["rows"], final["totals"]["positions"], plan.num_shards,

@@ -57,7 +57,8 @@ Examples:
               help="DistilBERT initialisation: copy the teacher's embeddings and evenly spaced layers "
                    "(needs equal hidden sizes).")
 @click.option("--teacher", type=click.Path(path_type=Path),
-              help="Teacher model directory (for --init-from-teacher/presets) if the manifest's path is not reachable.")
+              help="Teacher model directory for --init-from-teacher if the manifest's path is not reachable (presets use "
+                   "the config stored in the cache; this overrides it).")
 @click.option("--online-teacher", type=click.Path(path_type=Path),
               help="Online KD baseline: soft targets from a live forward of this teacher (full softmax) at the "
                    "cache's positions, instead of the cached top-k.")

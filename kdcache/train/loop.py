@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cache.collate import move_batch
-from ..cache.manifest import atomic_write_json
+from ..cache.manifest import atomic_write_json, enclosing_cache
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
 from . import checkpoint, distributed
@@ -108,14 +110,32 @@ def _batches(loader: StreamLoader, batches_per_epoch: int):
         loader.next_epoch()
 
 
-def _check_out_dir(out: Path, resume: bool) -> dict | None:
-    """Refuse to overwrite a run; returns an existing finished summary when resuming one."""
+def _check_out_dir(out: Path, resume: bool, cache_dir: Path) -> dict | None:
+    """Refuse to overwrite a run, to nest a student and a cache, or to --resume nothing;
+    returns an existing finished summary when resuming one."""
+    inside = enclosing_cache(out)
+    if inside is not None:
+        raise KdcacheError(f"--out {out} is inside the cache {inside}: the student's files would mix with the cache's "
+                           "(and `pandas.read_parquet(CACHE/data)` would break); choose an --out outside the cache")
+    if Path(os.path.abspath(cache_dir)).is_relative_to(os.path.abspath(out)):
+        raise KdcacheError(f"--cache {cache_dir} is inside --out {out}: the student's folder would carry the cache "
+                           "along, and replacing the student would lose it; choose an --out that does not hold the cache")
     summary_path = out / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     ckpt = checkpoint.find_checkpoint(out)
     if not resume and (ckpt is not None or (summary or {}).get("done")):
         what = "a finished student" if (summary or {}).get("done") else f"a checkpoint ({ckpt.name})"
         raise KdcacheError(f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out")
+    if resume and ckpt is None and not any((out / name).is_file() for name in (SUMMARY, METRICS)):
+        # No train-student run was ever started there: most likely a mistyped --out, which must
+        # not silently train from scratch.
+        raise KdcacheError(f"--resume: --out {out} holds no checkpoint and no run to continue; check the --out "
+                           "path, or drop --resume to start a new run there")
+    if resume and ckpt is None and not (summary or {}).get("done"):
+        # A run that stopped before its first checkpoint: continuing it means starting it over.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume: the run in {out} stopped before its first checkpoint; starting it again from step 0",
+                  file=sys.stderr)
     return summary if (summary or {}).get("done") else None
 
 
@@ -144,11 +164,11 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     cache = open_cache(cfg.cache)  # checks every shard before anything is written
     task = cache.task
-    finished = _check_out_dir(out, cfg.resume)
+    finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished
     plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
-                        teacher=cfg.teacher)
+                        teacher=cfg.teacher, cache_dir=cache.dir)
     if cfg.init_from_teacher and plan.kind == "model":
         raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
                            "directory (drop --init-from-teacher to continue from its weights)")
