@@ -31,8 +31,7 @@ from ..errors import KdcacheError
 from .collate import DecodedRows, collate
 from .manifest import read_manifest
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
-    schema_for_manifest,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns, targets_of,
 )
 
 DEFAULT_SHUFFLE_BUFFER = 2048
@@ -113,7 +112,7 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
         if meta.num_rows != shard["rows"]:
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {meta.num_rows} rows, "
                                f"the manifest says {shard['rows']}; {fix}")
-        for name in REQUIRED_COLUMNS + ((TOKEN_TYPE_IDS,) if TOKEN_TYPE_IDS in expected.names else ()):
+        for name in expected.names:  # the target kind's columns, token_type_ids where cached
             if name not in schema.names or schema.field(name).type != expected.field(name).type:
                 found = schema.field(name).type if name in schema.names else "missing"
                 raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} has column {name!r} of type "
@@ -210,7 +209,7 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
-            cols += [TOPK_IDS, TOPK_LOGPROBS]
+            cols += list(soft_target_columns(targets_of(self.cache.manifest)["kind"]))
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)
         return cols
