@@ -269,3 +269,18 @@ def test_version_1_caches_still_work_and_unknown_versions_are_refused(caches, tm
                  ["train-student", "--cache", v1, "--student", "L2-H128", "--out", tmp_path / "s3"]):
         code, _, err = run_cli(args, capsys)
         assert code != 0 and "format version 3" in err and one_line_error(err), (args, err)
+
+
+def test_sweep_and_report_on_sampled_caches(caches, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["sweep", "--cache", caches["top-k+sample"], "--students", "L2-H128", "--out", runs,
+                            "--max-steps", 2, "--batch-size", 4, "--num-workers", 0], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["report", runs, "--eval-cache", caches["sample"]], capsys)
+    assert code == 0, err
+    md = (runs / "report.md").read_text()
+    assert "32 samples targets" in md and "estimated without bias" in md
+    code, out, _ = run_cli(["evaluate", "--model", runs / "L2-H128", "--cache", caches["sample"], "--json"], capsys)
+    kl = json.loads(out)["kl"]
+    row = next(line for line in md.splitlines() if line.startswith("| ") and "L2-H128" in line)
+    assert f"{kl:.4f}" in row

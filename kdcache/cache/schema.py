@@ -85,6 +85,16 @@ def targets_of(manifest: dict) -> dict:
     return {"kind": targets["kind"], "k": int(targets["k"]), "samples": int(targets["samples"])}
 
 
+def describe_targets(manifest: dict) -> str:
+    """"top-64", "16 samples", "top-8 + 16 samples"."""
+    targets = targets_of(manifest)
+    if targets["kind"] == TOP_K:
+        return f"top-{targets['k']}"
+    if targets["kind"] == SAMPLE:
+        return f"{targets['samples']} samples"
+    return f"top-{targets['k']} + {targets['samples']} samples"
+
+
 def soft_target_columns(kind: str) -> tuple[str, ...]:
     return ((TOPK_IDS, TOPK_LOGPROBS) if has_topk(kind) else ()) + \
         ((SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS) if has_samples(kind) else ())

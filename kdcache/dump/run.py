@@ -547,21 +547,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def describe_targets(manifest: dict) -> str:
-    """"top-64", "16 samples", "top-8 + 16 samples"."""
-    targets = S.targets_of(manifest)
-    if targets["kind"] == S.TOP_K:
-        return f"top-{targets['k']}"
-    if targets["kind"] == S.SAMPLE:
-        return f"{targets['samples']} samples"
-    return f"top-{targets['k']} + {targets['samples']} samples"
-
-
 def summarize(manifest: dict, run_info: dict, out: Path) -> str:
     t = manifest["totals"]
     per_pos = t["bytes"] / t["positions"] if t["positions"] else 0.0
     state = "complete" if manifest["complete"] else f"INCOMPLETE ({len(manifest['shards'])}/{manifest['num_shards']} shards; re-run to finish)"
-    return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions ({describe_targets(manifest)}, {manifest['task']}) "
+    return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions ({S.describe_targets(manifest)}, {manifest['task']}) "
             f"in {manifest['num_shards']} shards to {out}: {human_bytes(t['bytes'])} on disk, {per_pos:.1f} bytes per position; "
             f"this run processed {run_info['real_tokens']:,} tokens in {run_info['seconds']:.1f} s "
             f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}.")
@@ -591,7 +581,7 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
     bound = " at most" if draws else ""
     summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "
                f"estimated cache size{bound} {human_bytes(estimate)} before compression "
-               f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {describe_targets(manifest)}"
+               f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {S.describe_targets(manifest)}"
                f"{'; every draw counted as a distinct id' if draws else ''}; zstd usually saves a little on log-probs, "
                "more on ids); the teacher was not run.")
     echo(summary)
