@@ -321,6 +321,17 @@ class TeacherRunner:
         with torch.inference_mode():
             return self.model(**batch, **kwargs).logits
 
+    def device_targets(self, logits, b, p, e) -> tuple:
+        """(top-k ids, top-k log-probs, finite flags, [sampled ids, log-probs, counts] or None) for the
+        targets at rows b, positions p (example ids e), computed on the teacher's device."""
+        if self.kind == S.TOP_K:
+            return (*topk_targets(logits, b, p, self.k), None)
+        drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
+                                head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
+        # Counts fit 16 bits for any N the CLI allows below 2^15: half the bytes to copy to the host.
+        counts = drawn["counts"].to(torch.int16) if self.samples < 2**15 else drawn["counts"]
+        return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], drawn["logprobs"], counts]
+
     def launch(self, rows) -> tuple:
         """Queue the forward and top-k of one batch; on CUDA this returns before the GPU is done,
         so the host can prepare the next batch meanwhile (finish() waits)."""
@@ -338,16 +349,10 @@ class TeacherRunner:
                 if self.pin:
                     b, p, e = b.pin_memory(), p.pin_memory(), e.pin_memory()
                 b, p, e = (t.to(self.device, non_blocking=True) for t in (b, p, e))
-                if self.kind == S.TOP_K:
-                    ids, values, finite = topk_targets(logits, b, p, self.k)
-                else:
-                    drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
-                                            head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
-                    ids, values, finite = drawn["head_ids"], drawn["head_logprobs"], drawn["finite"]
-                    sampled = [drawn["ids"], drawn["logprobs"], drawn["counts"]]
+                ids, values, finite, sampled = self.device_targets(logits, b, p, e)
             del logits  # the full-vocabulary logits stay on the device and are freed here
             host = [t.to("cpu", non_blocking=self.pin) if t is not None else None for t in (ids, values, finite)]
-            if self.kind != S.TOP_K:
+            if sampled is not None:
                 host.append([t.to("cpu", non_blocking=self.pin) for t in sampled])
         event = None
         if self.pin:
