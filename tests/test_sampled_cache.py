@@ -191,6 +191,9 @@ def test_verify_catches_bad_draws(caches, tmp_path, capsys, damage, message):
 
 def test_train_evaluate_and_refusals(caches, tmp_path, capsys):
     cache = caches["sample"]
+    # --alpha 0 streams no soft targets at all.
+    batch = next(iter(CacheStream(cache, batch_size=4, soft_targets=False)))
+    assert not {"topk_ids", "topk_logprobs", "target_counts"} & batch.keys()
     out = tmp_path / "student"
     args = ["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2,
             "--intermediate", 32, "--max-steps", 2, "--batch-size", 4, "--num-workers", 0, "--no-progress"]
