@@ -339,7 +339,8 @@ class TeacherRunner:
         logits = self.forward(batch)
         with torch.inference_mode():
             if self.task == "seq-cls":
-                ids, values, finite = topk_targets(logits, None, None, self.k)
+                ids, values, finite = topk_targets(logits, None, None, self.k)  # every class, exactly
+                sampled = None
                 counts = [1] * len(rows)
             else:
                 counts = [len(r.positions) for r in rows]
