@@ -5,8 +5,8 @@ index tensors, splitting and compacting the device results per row, the Arrow bu
 fsync, sha256, the manifest — inside `run_dump` itself. Only the device work is replaced: the teacher's
 forward returns nothing, and `TeacherRunner.device_targets` hands back precomputed results in its exact
 layout (`zipf_results`: a Zipf-shaped teacher over a 49,152-token vocabulary, so ids, log-probs and the
-number of distinct draws look like an LM teacher's; tests/test_sampled_targets.py checks the real sampler). So this is the ceiling the host
-puts on a dump when the GPU is infinitely fast.
+number of distinct draws look like an LM teacher's; tests/test_sampled_targets.py checks the real sampler).
+So this is the ceiling the host puts on a dump when the GPU is infinitely fast.
 
 CLM rows of 512 tokens (every position a target), kinds side by side, alternating, repeated; each
 figure is positions per second of the dump loop (wall) and per CPU-second of the process (all threads),
