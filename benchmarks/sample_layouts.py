@@ -1,12 +1,11 @@
-"""The sampled columns' layout: format v2's nested lists against a flat alternative, side by side.
+"""The sampled columns' layout: format v2's flat lists against nested ones, side by side.
 
-  nested (format v2)   sample_ids / sample_logprobs / sample_counts as list<list<T>> (one inner list
-                       per position), zstd level 3
-  flat                 one list<T> per row holding all its positions' entries, plus list<uint8>
-                       `sample_lengths` (entries per position), zstd level 3
+  flat (format v2)     sample_ids / sample_logprobs / sample_counts as one list<T> per row holding all
+                       its positions' entries, plus `sample_lengths` (entries per position), zstd level 3
+  nested               the same three as list<list<T>> (one inner list per position), zstd level 3:
+                       the layout first written for v2, and the one the top-k columns use
 
-Both are read and turned into what stage two needs — flat values plus per-position entry offsets
-(`kdcache.cache.collate._nested` for the format; a cumulative sum of the lengths for the flat one) —
+Both are read and turned into what stage two needs — flat values plus per-position entry offsets —
 for every row group, one thread. Reported: positions per CPU-second, medians of interleaved rounds.
 
     python benchmarks/sample_layouts.py --cache CACHE [--repeats 5]
@@ -24,10 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcache.cache.collate import _nested
 from kdcache.cache.schema import DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
 
 COLUMNS = ["sample_ids", "sample_logprobs", "sample_counts"]
+
+
+def nested_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list<list<T>> column as (values, offsets per inner list)."""
+    inner = column.combine_chunks().values
+    return inner.values.to_numpy(zero_copy_only=False), inner.offsets.to_numpy().astype(np.int64)
 
 
 def write(table: pa.Table, path: Path) -> Path:
@@ -36,18 +40,13 @@ def write(table: pa.Table, path: Path) -> Path:
     return path
 
 
-def flatten(table: pa.Table) -> pa.Table:
-    """Same values, one list per row, plus the entries per position."""
-    columns = {}
-    for name in COLUMNS:
-        array = table.column(name).combine_chunks()
-        inner = array.values
-        columns[name] = pa.ListArray.from_arrays(pa.array(inner.offsets.to_numpy()[array.offsets.to_numpy()], pa.int32()),
-                                                 inner.values)
-    array = table.column(COLUMNS[0]).combine_chunks()
-    lengths = pa.compute.list_value_length(array.values).cast(pa.uint8())
-    columns["sample_lengths"] = pa.ListArray.from_arrays(array.offsets, lengths)
-    return pa.table(columns)
+def nest(table: pa.Table) -> pa.Table:
+    """Same values, one inner list per position (split by sample_lengths)."""
+    lengths = table.column("sample_lengths").combine_chunks()
+    inner_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths.values.to_numpy(zero_copy_only=False),
+                                                            dtype=np.int64)]).astype(np.int32))
+    return pa.table({name: pa.ListArray.from_arrays(lengths.offsets, pa.ListArray.from_arrays(
+        inner_offsets, table.column(name).combine_chunks().values)) for name in COLUMNS})
 
 
 def decode_nested(path: Path) -> float:
@@ -56,7 +55,7 @@ def decode_nested(path: Path) -> float:
     for g in range(f.metadata.num_row_groups):
         t = f.read_row_group(g, columns=COLUMNS, use_threads=False)
         for name in COLUMNS:
-            _nested(t.column(name))
+            nested_values(t.column(name))
     return time.process_time() - start
 
 
@@ -78,10 +77,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdcache_sample_layouts_"))
-    table = pq.read_table(args.cache / "data", columns=COLUMNS + ["positions"]).combine_chunks()
+    table = pq.read_table(args.cache / "data", columns=COLUMNS + ["sample_lengths", "positions"]).combine_chunks()
     positions = int(pa.compute.sum(pa.compute.list_value_length(table.column("positions"))).as_py())
-    files = {"nested (format v2)": (write(table.select(COLUMNS), work / "nested.parquet"), decode_nested),
-             "flat + lengths": (write(flatten(table), work / "flat.parquet"), decode_flat)}
+    files = {"flat + lengths (format v2)": (write(table.select(COLUMNS + ["sample_lengths"]), work / "flat.parquet"),
+                                            decode_flat),
+             "nested": (write(nest(table), work / "nested.parquet"), decode_nested)}
     times = {name: [] for name in files}
     for _ in range(args.repeats):  # interleaved, so machine load hits both alike
         for name, (path, decode) in files.items():
@@ -89,7 +89,7 @@ def main():
     print(f"# {args.cache}: {table.num_rows:,} rows, {positions:,} positions; medians of {args.repeats}")
     print("| layout | file MiB | positions / CPU-second | ÷ nested |")
     print("|---|---:|---:|---:|")
-    base = positions / statistics.median(times["nested (format v2)"])
+    base = positions / statistics.median(times["nested"])
     for name, (path, _) in files.items():
         rate = positions / statistics.median(times[name])
         print(f"| {name} | {path.stat().st_size / 2**20:,.2f} | {rate:,.0f} | {rate / base:.2f} |")

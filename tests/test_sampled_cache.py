@@ -138,7 +138,8 @@ def test_verify_inspect_and_the_manifest(caches, capsys):
         assert stats["targets"] == kind
         rows = read_rows(cache)
         if kind != "top-k":
-            per_position = [len(ids) for r in rows for ids in r["sample_ids"]]
+            per_position = [n for r in rows for n in r["sample_lengths"]]
+            assert sum(per_position) == sum(len(r["sample_ids"]) for r in rows)
             head = 4 if kind == "top-k+sample" else 0
             assert stats["mean_ids_per_position"] == pytest.approx(head + np.mean(per_position), abs=1e-3)
         if kind != "sample":
@@ -149,7 +150,7 @@ def test_verify_inspect_and_the_manifest(caches, capsys):
 
 
 def tamper(cache: Path, edit) -> None:
-    """Rewrite shard 0 with `edit` applied to its sample columns (python lists), re-recording its
+    """Rewrite shard 0 with `edit` applied to its columns (python lists), re-recording its
     checksum so that only the content check can catch it."""
     table = pq.read_table(cache / "data" / "part-00000.parquet")
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
@@ -167,6 +168,7 @@ def tamper(cache: Path, edit) -> None:
     ("duplicate", "appears twice"),
     ("head", "repeats one of its position's top-k ids"),
     ("range", ">= target_vocab_size"),
+    ("lengths", "does not have sum(sample_lengths) entries"),
 ])
 def test_verify_catches_bad_draws(caches, tmp_path, capsys, damage, message):
     import shutil
@@ -174,19 +176,26 @@ def test_verify_catches_bad_draws(caches, tmp_path, capsys, damage, message):
     cache = tmp_path / "cache"
     shutil.copytree(caches["top-k+sample"], cache)
 
-    def edit(c):
-        ids, counts = c["sample_ids"][0][0], c["sample_counts"][0][0]
+    def edit(c):  # row 0's entries; its first position's come first (sample_lengths[0][0] of them, >= 2 here)
+        ids, counts = c["sample_ids"][0], c["sample_counts"][0]
+        assert c["sample_lengths"][0][0] >= 2
         if damage == "count":
             counts[0] += 1
         elif damage == "duplicate":
             ids[1] = ids[0]
         elif damage == "head":
             ids[0] = c["topk_ids"][0][0][0]
+        elif damage == "lengths":
+            c["sample_lengths"][0][0] += 1
         else:
             ids[0] = 60000
     tamper(cache, edit)
     code, _, err = run_cli(["verify", cache], capsys)
     assert code != 0 and message in err and "part-00000" in err and one_line_error(err)
+    if damage == "lengths":  # the stream, which trusts the checksums, still refuses to misalign the entries
+        from kdcache.errors import KdcacheError
+        with pytest.raises(KdcacheError, match="sample_lengths"):
+            list(CacheStream(cache, batch_size=4, shuffle=False))
 
 
 def test_train_evaluate_and_refusals(caches, tmp_path, capsys):

@@ -579,10 +579,10 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
     k, draws = targets["k"], targets["samples"]
     per_position = k * (id_bytes + 2) + pos_bytes + 4
     if draws:
-        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the int32
-        # offsets of the three variable-length lists. A confident teacher draws far fewer distinct ids.
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
+        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
         count_bytes = S.smallest_uint(draws).bit_width // 8
-        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + 3 * 4
+        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + count_bytes
     estimate = positions * per_position + tokens * tok_bytes + rows * 8
     bound = " at most" if draws else ""
     summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "
