@@ -22,7 +22,7 @@ TOPK_LOGPROBS = "topk_logprobs"
 # Sampled soft targets (format v2, target kinds "sample" and "top-k+sample"): per position, the distinct
 # ids drawn, the teacher's log-prob at each and how many of the N draws hit it. Flat per row (all its
 # positions' entries in one list, position by position) with the entries per position in
-# `sample_lengths`: decodes 1.45x faster than nested lists (benchmarks/sample_layouts.py).
+# `sample_lengths`: decodes 1.43x faster than nested lists (benchmarks/sample_layouts.py).
 SAMPLE_LENGTHS = "sample_lengths"
 SAMPLE_IDS = "sample_ids"
 SAMPLE_LOGPROBS = "sample_logprobs"
