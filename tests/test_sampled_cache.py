@@ -296,3 +296,44 @@ def test_sweep_and_report_on_sampled_caches(caches, tmp_path, capsys):
     kl = json.loads(out)["kl"]
     row = next(line for line in md.splitlines() if line.startswith("| ") and "L2-H128" in line)
     assert f"{kl:.4f}" in row
+
+
+def test_weights_rebuilt_from_format_md_alone_match_the_loss(caches, tmp_path):
+    """docs/FORMAT.md's recipe (pandas, and `datasets` reading the same columns) gives each position
+    the weights the loss trains with."""
+    import datasets
+    import pandas as pd
+
+    from kdcache.train.losses import sparse_target_weights
+
+    for kind in ("sample", "top-k+sample"):
+        cache = caches[kind]
+        m = manifest(cache)
+        n = m["targets"]["samples"]
+        df = pd.read_parquet(cache / "data").sort_values("example_id")
+        hf = datasets.load_dataset("parquet", data_files=str(cache / "data" / "*.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+        assert {"sample_lengths", "sample_ids", "sample_logprobs", "sample_counts"} <= set(hf.column_names)
+        rebuilt = []  # FORMAT.md, "Reading a cache", row by row
+        for _, row in df.iterrows():
+            split = np.cumsum(row["sample_lengths"])[:-1]
+            sample_ids, sample_counts = np.split(row["sample_ids"], split), np.split(row["sample_counts"], split)
+            for p in range(len(row["positions"])):
+                ids, counts = sample_ids[p], sample_counts[p].astype(np.float64)
+                if kind == "sample":
+                    weights = {int(i): c / n for i, c in zip(ids, counts)}
+                else:
+                    head_p = np.exp(row["topk_logprobs"][p].astype(np.float64))
+                    tail = max(0.0, 1.0 - head_p.sum())
+                    weights = {int(i): float(w) for i, w in zip(row["topk_ids"][p], head_p)}
+                    weights.update({int(i): tail * c / n for i, c in zip(ids, counts)})
+                rebuilt.append(weights)
+        from_loss = []
+        for batch in CacheStream(cache, batch_size=8, shuffle=False):
+            w, _ = sparse_target_weights(batch["topk_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
+            for ids, ws in zip(batch["topk_ids"].tolist(), w.tolist()):
+                from_loss.append({i: x for i, x in zip(ids, ws) if x > 0})
+        assert len(rebuilt) == len(from_loss) == m["totals"]["positions"]
+        for a, b in zip(rebuilt, from_loss):
+            assert a.keys() == b.keys()
+            assert all(abs(a[i] - b[i]) < 1e-9 for i in a)
