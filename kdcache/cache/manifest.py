@@ -9,13 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import KdcacheError
-from .schema import FORMAT_VERSION, MANIFEST_NAME
+from .schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS
 
 # Manifest keys that define *what* a cache holds. A re-run whose identity differs in any of
 # them would mix two caches in one directory, so it is refused (unless --overwrite).
 IDENTITY_KEYS = (
     "format_version", "task", "k", "vocab_size", "target_vocab_size", "dtype", "max_length",
-    "packing", "mlm_probability", "mask_copies", "seed", "shard_rows", "teacher", "tokenizer", "data",
+    "packing", "mlm_probability", "mask_copies", "seed", "shard_rows", "teacher", "tokenizer", "data", "targets",
 )
 
 
@@ -110,9 +110,10 @@ def read_manifest(cache_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise KdcacheError(f"{path} is unreadable or not JSON ({e}); re-create the cache with `kdcache dump-logits --overwrite`") from None
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise KdcacheError(
-            f"{path} has cache format version {version!r}, this kdcache reads version {FORMAT_VERSION}; "
+            f"{path} has cache format version {version!r}, this kdcache reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (writes {FORMAT_VERSION}); "
             "re-dump with this kdcache or install the version that wrote it")
     return manifest
 

@@ -31,8 +31,7 @@ from ..errors import KdcacheError
 from .collate import DecodedRows, collate
 from .manifest import read_manifest, resolve_inside
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
-    schema_for_manifest,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns, targets_of,
 )
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 
@@ -114,7 +113,7 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             raise corrupt_shard_error(cache_dir, shard, f"unreadable Parquet: {str(e).splitlines()[0]}") from None
         if meta.num_rows != shard["rows"]:
             raise corrupt_shard_error(cache_dir, shard, f"{meta.num_rows} rows, the manifest says {shard['rows']}")
-        for name in REQUIRED_COLUMNS + ((TOKEN_TYPE_IDS,) if TOKEN_TYPE_IDS in expected.names else ()):
+        for name in expected.names:  # the target kind's columns, token_type_ids where cached
             if name not in schema.names or schema.field(name).type != expected.field(name).type:
                 found = schema.field(name).type if name in schema.names else "missing"
                 raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} has column {name!r} of type "
@@ -211,7 +210,7 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
-            cols += [TOPK_IDS, TOPK_LOGPROBS]
+            cols += list(soft_target_columns(targets_of(self.cache.manifest)["kind"]))
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)
         return cols

@@ -19,6 +19,7 @@ import torch
 
 from ..cache.collate import move_batch
 from ..cache.manifest import atomic_write_json, enclosing_cache
+from ..cache.schema import TOP_K, targets_of
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
 from . import checkpoint, distributed
@@ -164,6 +165,10 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     cache = open_cache(cfg.cache)  # checks every shard before anything is written
     task = cache.task
+    kind = targets_of(cache.manifest)["kind"]
+    if cfg.tail == "bucket" and kind != TOP_K and cfg.alpha > 0 and not cfg.online_teacher:
+        raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
+                           f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
     finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished
