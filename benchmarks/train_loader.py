@@ -7,8 +7,10 @@ optionally over a real cache repeated to size (--real-cache, e.g. the quickstart
 runs/causal_lm-small/cache: real top-k ids compress ~2x, so zstd costs more than on random ids).
 Next to it, the floor: reading the same row groups' columns with pyarrow and nothing else;
 "loader / decode" is what kdcache's shuffling and collation add to that.
+Last, the cost of the read-time integrity check: the same loader with and without verifying
+the shards' Parquet page CRCs, interleaved (--crc-only runs just that).
 
-    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR]
+    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR] [--crc-only] [--crc-pairs 15]
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ def positions_per_second(cache: Path, *, batch_size: int, soft: bool = True) -> 
     return n / t.seconds, n / (time.process_time() - cpu)
 
 
-def decode_only(cache: Path, soft: bool = True) -> float:
-    """Positions per CPU-second of reading every row group's stream columns, nothing else."""
+def decode_only(cache: Path, soft: bool = True, verify: bool = False) -> float:
+    """Positions per CPU-second of reading every row group's stream columns, nothing else
+    (verify: checking the page CRCs too)."""
     import pyarrow.parquet as pq
 
     from kdcache.cache.stream import CacheStream
@@ -48,11 +51,45 @@ def decode_only(cache: Path, soft: bool = True) -> float:
     n = 0
     cpu = time.process_time()
     for path in stream.cache.shard_paths:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path, page_checksum_verification=verify)
         for g in range(f.metadata.num_row_groups):
             n += int(pc.sum(pc.list_value_length(f.read_row_group(g, columns=columns, use_threads=False)
                                                   .column("positions"))).as_py())
     return n / (time.process_time() - cpu)
+
+
+def crc_cost(cache: Path, *, batch_size: int, repeats: int) -> dict:
+    """Loader positions per CPU-second with page-CRC verification and without (the same stream,
+    its shards opened either way), and Parquet decode alone both ways, in `repeats` adjacent
+    pairs with the order alternating. Costs are medians of the pairs' time ratios - 1, so a load
+    change on the shared machine between pairs cancels out."""
+    import pyarrow.parquet as pq
+
+    from kdcache.cache import stream as stream_module
+    verifying = stream_module.open_shard
+
+    def unverified(path):
+        return pq.ParquetFile(path)
+
+    def loader(verify: bool) -> float:
+        stream_module.open_shard = verifying if verify else unverified
+        try:
+            return positions_per_second(cache, batch_size=batch_size)[1]
+        finally:
+            stream_module.open_shard = verifying
+
+    rates = {"loader": ([], []), "decode": ([], [])}
+    for i in range(repeats):
+        for name, measure in (("loader", loader), ("decode", lambda verify: decode_only(cache, verify=verify))):
+            order = (True, False) if i % 2 == 0 else (False, True)
+            got = {verify: measure(verify) for verify in order}
+            rates[name][0].append(got[True])
+            rates[name][1].append(got[False])
+    out = {}
+    for name, (verified, unverified_rates) in rates.items():
+        out[name] = (statistics.median(verified), statistics.median(unverified_rates),
+                     statistics.median(b / a - 1 for a, b in zip(verified, unverified_rates)))
+    return out
 
 
 def tiled_real_cache(source: Path, out: Path, rows: int) -> Path:
@@ -94,6 +131,8 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--real-cache", type=Path, default=None, help="a real cache to repeat to --rows rows")
     ap.add_argument("--json", type=Path, default=None, help="also write the medians here (compare_revisions.py)")
+    ap.add_argument("--crc-only", action="store_true", help="only the page-CRC verification cost")
+    ap.add_argument("--crc-pairs", type=int, default=15, help="with/without-verification pairs per cache")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_loader_"))
@@ -110,11 +149,13 @@ def main():
         caches.append((f"real: {args.real_cache} repeated", tiled_real_cache(args.real_cache, work / "real", args.rows)))
     results = {}
     for name, cache in caches:
+        if args.crc_only:
+            break
         rates, floors = [], []
         positions_per_second(cache, batch_size=args.batch_size)  # warm-up: page cache, allocator, imports
         for _ in range(args.repeats):  # interleaved, so both see the same machine
             rates.append(positions_per_second(cache, batch_size=args.batch_size))
-            floors.append(decode_only(cache))
+            floors.append(decode_only(cache, verify=True))  # the loader verifies page CRCs too
         from kdcache.cache.stream import open_cache
         opened = open_cache(cache)
         per_row = opened.manifest["totals"]["positions"] / opened.num_rows
@@ -123,6 +164,19 @@ def main():
         print(f"| {name} | {opened.num_rows:,} | {per_row:.0f} | {opened.k} | {wall:,.0f} | {cpu:,.0f} | "
               f"{floor:,.0f} | {floor / cpu:.2f} | >= 500,000 |")
         results[name] = {"loader_per_cpu_second": cpu, "decode_per_cpu_second": floor}
+    print(f"\npage-CRC verification, medians of {args.crc_pairs} adjacent pairs:\n")
+    print("| cache | loader per CPU-second, page CRCs verified | not verified | loader: cost of verifying "
+          "| Parquet decode alone: cost of verifying |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cache in caches:
+        positions_per_second(cache, batch_size=args.batch_size)  # warm-up
+        cost = crc_cost(cache, batch_size=args.batch_size, repeats=args.crc_pairs)
+        verified, unverified, loader_cost = cost["loader"]
+        print(f"| {name} | {verified:,.0f} | {unverified:,.0f} | {loader_cost:+.1%} | {cost['decode'][2]:+.1%} |",
+              flush=True)
+        results.setdefault(name, {})["crc_cost"] = {"loader": loader_cost, "decode": cost["decode"][2]}
+    if args.crc_only:
+        return
     mlm = caches[1][1]
     rates = [positions_per_second(mlm, batch_size=args.batch_size, soft=False) for _ in range(args.repeats)]
     print(f"\nhard labels only (alpha 0: top-k columns not read), mlm cache: "

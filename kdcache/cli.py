@@ -60,10 +60,19 @@ def cli():
     """
 
 
+def _close_progress_bars() -> None:
+    """A progress bar the error interrupted would otherwise share its line with the message."""
+    std = sys.modules.get("tqdm.std")
+    if std is not None:
+        for bar in list(getattr(std.tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv=None):
     try:
         return cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except KdcacheError as e:
+        _close_progress_bars()
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:

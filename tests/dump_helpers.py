@@ -41,8 +41,9 @@ def read_rows(cache: Path) -> list[dict]:
     table = pq.read_table(Path(cache) / "data")
     rows = table.to_pylist()
     for r in rows:
-        r["topk_ids"] = np.array(r["topk_ids"], dtype=np.int64)
-        r["topk_logprobs"] = np.array(r["topk_logprobs"], dtype=np.float32)
+        if "topk_ids" in r:  # absent from `sample` caches
+            r["topk_ids"] = np.array(r["topk_ids"], dtype=np.int64)
+            r["topk_logprobs"] = np.array(r["topk_logprobs"], dtype=np.float32)
     return sorted(rows, key=lambda r: r["example_id"])
 
 
@@ -50,9 +51,12 @@ def assert_same_rows(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) and len(a) > 0
     for x, y in zip(a, b):
         assert x["example_id"] == y["example_id"]
-        for key in ("input_ids", "positions", "labels"):
-            assert x[key] == y[key], (key, x["example_id"])
-        np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])
-        np.testing.assert_array_equal(x["topk_logprobs"], y["topk_logprobs"])
+        assert x.keys() == y.keys()
+        # sample_* (sampled kinds) are flat lists per row: compared exactly, as values.
+        for key in ("input_ids", "positions", "labels", "sample_lengths", "sample_ids", "sample_logprobs", "sample_counts"):
+            assert x.get(key) == y.get(key), (key, x["example_id"])
+        if "topk_ids" in x:
+            np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])
+            np.testing.assert_array_equal(x["topk_logprobs"], y["topk_logprobs"])
 
 

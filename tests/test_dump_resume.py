@@ -71,3 +71,49 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_mlm, corpus, refer
     dump(tiny_bert_mlm, corpus, out, *ARGS)
     assert manifest(out)["complete"] is True
     assert_same_rows(read_rows(out), read_rows(reference))
+
+
+# Sampled target kinds: the draws are keyed by (seed, example id, position), so the same rules hold.
+SAMPLED = {"sample": ["--targets", "sample", "--samples", 16],
+           "top-k+sample": ["--targets", "top-k+sample", "--samples", 16]}
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(tmp_path_factory, tiny_bert_mlm, corpus) -> dict:
+    out = {}
+    for kind, extra in SAMPLED.items():
+        out[kind] = tmp_path_factory.mktemp("reference") / kind
+        dump(tiny_bert_mlm, corpus, out[kind], *ARGS, *extra)
+    return out
+
+
+def test_sampled_kill_9_then_resume_is_row_identical(tmp_path, tiny_bert_mlm, corpus, sampled_reference):
+    out = tmp_path / "cache"
+    args = [*map(str, cli_args(tiny_bert_mlm, corpus, out)), *map(str, SAMPLED["sample"])]
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=single_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_sidecar = out / "data" / "_part-00000.stats.json"
+    deadline = time.time() + 120
+    while not first_sidecar.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    assert manifest(out)["complete"] is False
+    dump(tiny_bert_mlm, corpus, out, *ARGS, *SAMPLED["sample"])
+    assert_same_rows(read_rows(out), read_rows(sampled_reference["sample"]))
+    assert [s["sha256"] for s in manifest(out)["shards"]] == [s["sha256"] for s in manifest(sampled_reference["sample"])["shards"]]
+
+
+def test_sampled_torchrun_two_processes_equal_one(tmp_path, tiny_bert_mlm, corpus, sampled_reference):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdcache", *map(str, cli_args(tiny_bert_mlm, corpus, out)), *map(str, SAMPLED["top-k+sample"])]
+    result = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert manifest(out)["dump"]["world_size"] == 2
+    assert_same_rows(read_rows(out), read_rows(sampled_reference["top-k+sample"]))
+    # And the MLM sampled cache verifies.
+    code = subprocess.run([sys.executable, "-m", "kdcache", "verify", str(out)], env=single_thread_env(),
+                          capture_output=True, text=True, timeout=120).returncode
+    assert code == 0

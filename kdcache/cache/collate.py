@@ -9,6 +9,11 @@ Arrow `take` on nested lists), done in the DataLoader workers. A batch holds:
   labels (N,) int64                           hard labels, -1 unknown
   topk_ids (N, k) int32, topk_logprobs (N, k) float16   the teacher's soft targets, as stored
                                               (if decoded); the loss widens them on its device
+  Sampled kinds (format v2 "sample", "top-k+sample") put every stored entry in those two, head first
+  (the top-k, if any) then the drawn ids, padded to the batch's widest position, and add:
+  target_counts (N, W) int16/int32            draws per entry: 0 for head entries and padding
+  target_head  int                            how many leading columns are the exact top-k head
+  Padding has log-prob -inf (weight 0 in the loss) and id 0.
   example_id (B,) int64, num_rows, num_tokens (real, unpadded tokens)
 
 The soft targets stay narrow (int32 ids: torch has no uint16 gather; fp16 log-probs as cached)
@@ -20,7 +25,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .schema import EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS
+from ..errors import KdcacheError
+from .schema import (
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS, TOKEN_TYPE_IDS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+)
 
 
 def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,9 +70,23 @@ class DecodedRows:
         self.positions, self.target_offsets = _ragged(table.column(POSITIONS))
         self.labels, _ = _ragged(table.column(LABELS))
         self.topk_ids = self.topk_logprobs = None
-        if soft_targets:
+        self.sample_ids = self.sample_logprobs = self.sample_counts = self.entry_offsets = None
+        names = table.column_names
+        if soft_targets and TOPK_IDS in names:
             self.topk_ids, _ = _ragged(table.column(TOPK_IDS))
             self.topk_logprobs, _ = _ragged(table.column(TOPK_LOGPROBS))
+        if soft_targets and SAMPLE_IDS in names:
+            # Entries are flat per row; sample_lengths (one per target, numbered like the targets above)
+            # gives each target's entries: target j owns entries entry_offsets[j]:entry_offsets[j + 1].
+            lengths, _ = _ragged(table.column(SAMPLE_LENGTHS))
+            self.entry_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            for attr, name in (("sample_ids", SAMPLE_IDS), ("sample_logprobs", SAMPLE_LOGPROBS),
+                               ("sample_counts", SAMPLE_COUNTS)):
+                values, row_offsets = _ragged(table.column(name))
+                setattr(self, attr, values)
+            if not np.array_equal(self.entry_offsets[self.target_offsets], row_offsets):
+                raise KdcacheError("a row's sample_lengths do not add up to its sampled entries: the cache is "
+                                   "damaged; run `kdcache verify` on it and re-dump the shard it names")
 
     def take(self, rows: np.ndarray) -> dict:
         """The flat (unpadded) parts of `rows`, in that order."""
@@ -77,6 +101,11 @@ class DecodedRows:
         if self.topk_ids is not None:
             parts["topk_ids"] = self.topk_ids[targets].astype(np.int32)
             parts["topk_logprobs"] = self.topk_logprobs[targets]
+        if self.sample_ids is not None:
+            entries, parts["sample_lengths"] = _element_index(self.entry_offsets, targets)
+            parts["sample_ids"] = self.sample_ids[entries]
+            parts["sample_logprobs"] = self.sample_logprobs[entries]
+            parts["sample_counts"] = self.sample_counts[entries]
         return parts
 
 
@@ -86,6 +115,26 @@ def _pad(values: np.ndarray, real: np.ndarray, fill: int) -> np.ndarray:
     out = np.full(real.shape, fill, dtype=np.int64)
     out[real] = values
     return out
+
+
+def _padded_targets(parts: dict) -> dict:
+    """Head (top-k, if any) and drawn entries side by side in (N, head + widest draw) arrays."""
+    lengths = parts["sample_lengths"]
+    head = parts["topk_ids"].shape[1] if "topk_ids" in parts else 0
+    n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
+    real = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.zeros((n, head + width), np.int32)
+    logprobs = np.full((n, head + width), -np.inf, np.float16)
+    count_dtype = np.int16 if parts["sample_counts"].dtype.itemsize == 1 else np.int32
+    counts = np.zeros((n, head + width), count_dtype)
+    if head:
+        ids[:, :head] = parts["topk_ids"]
+        logprobs[:, :head] = parts["topk_logprobs"]
+    ids[:, head:][real] = parts["sample_ids"]
+    logprobs[:, head:][real] = parts["sample_logprobs"]
+    counts[:, head:][real] = parts["sample_counts"]
+    return {"topk_ids": torch.from_numpy(ids), "topk_logprobs": torch.from_numpy(logprobs),
+            "target_counts": torch.from_numpy(counts), "target_head": head}
 
 
 def collate(pieces: list[tuple[DecodedRows, np.ndarray]], *, pad_id: int = 0) -> dict:
@@ -106,7 +155,9 @@ def collate(pieces: list[tuple[DecodedRows, np.ndarray]], *, pad_id: int = 0) ->
     batch["target_rows"] = torch.from_numpy(np.repeat(np.arange(num_rows, dtype=np.int64), target_lengths))
     batch["target_positions"] = torch.from_numpy(parts["positions"].astype(np.int64))
     batch["labels"] = torch.from_numpy(parts["labels"].astype(np.int64))
-    if "topk_ids" in parts:
+    if "sample_ids" in parts:
+        batch.update(_padded_targets(parts))
+    elif "topk_ids" in parts:
         batch["topk_ids"] = torch.from_numpy(parts["topk_ids"])
         batch["topk_logprobs"] = torch.from_numpy(parts["topk_logprobs"])
     batch["example_id"] = torch.from_numpy(parts["example_id"])

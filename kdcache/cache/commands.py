@@ -10,8 +10,9 @@ import click
 @click.argument("cache", type=click.Path())  # a folder or an s3:// (gs://, hdfs://) URI
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
 def inspect_cmd(cache, as_json):
-    """Summarise CACHE: task, teacher, rows, positions, k, size, bytes per position,
-    mean top-k probability mass and the teacher's top-1 accuracy where labels exist."""
+    """Summarise CACHE: task, teacher, rows, positions, target kind, k, samples, size, bytes per
+    position, stored ids per position, teacher mass of the top-k head, outside it (tail) and of all
+    stored ids, and the teacher's top-1 accuracy where labels exist."""
     from .stats import cache_stats
 
     stats = cache_stats(cache)
@@ -31,7 +32,8 @@ def inspect_cmd(cache, as_json):
 @click.argument("cache", type=click.Path())  # a folder or an s3:// (gs://, hdfs://) URI
 def verify_cmd(cache):
     """Check every shard of CACHE: checksum, row count, schema, ids < vocab, log-probs finite,
-    <= 0 and sorted. Names the first bad shard and exits non-zero."""
+    <= 0 and sorted; sampled targets: draw counts sum to N per position, ids distinct per position.
+    Names the first bad shard and exits non-zero."""
     from tqdm.auto import tqdm
 
     from ..cache.manifest import read_manifest

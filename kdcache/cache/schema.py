@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions every reader (train, evaluate, inspect, verify, sweep) loads. Version 1 is a top-k cache
+# without the manifest's `targets` key and the sampled columns; its shards are byte-compatible.
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 TASKS = ("mlm", "clm", "seq-cls")
 
@@ -16,16 +19,32 @@ INPUT_IDS = "input_ids"
 POSITIONS = "positions"
 TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
+# Sampled soft targets (format v2, target kinds "sample" and "top-k+sample"): per position, the distinct
+# ids drawn, the teacher's log-prob at each and how many of the N draws hit it. Flat per row (all its
+# positions' entries in one list, position by position) with the entries per position in
+# `sample_lengths`: decodes 1.43x faster than nested lists (benchmarks/sample_layouts.py).
+SAMPLE_LENGTHS = "sample_lengths"
+SAMPLE_IDS = "sample_ids"
+SAMPLE_LOGPROBS = "sample_logprobs"
+SAMPLE_COUNTS = "sample_counts"
+SAMPLE_ENTRY_COLUMNS = (SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS)  # flat per row; the rest: one per position
 LABELS = "labels"
 # Optional column: written only for sentence-pair classification (BERT segment ids).
 TOKEN_TYPE_IDS = "token_type_ids"
 
-REQUIRED_COLUMNS = (EXAMPLE_ID, INPUT_IDS, POSITIONS, TOPK_IDS, TOPK_LOGPROBS, LABELS)
+# Columns of every cache, whatever its target kind (soft_target_columns adds the kind's own).
+REQUIRED_COLUMNS = (EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS)
+
+# Target kinds (manifest["targets"]["kind"]): which soft-target columns a cache has.
+TOP_K, SAMPLE, TOP_K_SAMPLE = "top-k", "sample", "top-k+sample"
+TARGET_KINDS = (TOP_K, SAMPLE, TOP_K_SAMPLE)
 
 UNKNOWN_LABEL = -1
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+# What stage two needs of the teacher (its config.json), so a cache works without the teacher.
+TEACHER_CONFIG = "teacher/config.json"
 # Shards live alone in data/, so `pandas.read_parquet("CACHE/data")` and
 # `pyarrow.dataset.dataset("CACHE/data")` work as they are.
 SHARD_DIR = "data"
@@ -56,11 +75,45 @@ def id_type(vocab_size: int) -> pa.DataType:
     return smallest_uint(max(vocab_size - 1, 0))
 
 
+def has_topk(kind: str) -> bool:
+    return kind in (TOP_K, TOP_K_SAMPLE)
+
+
+def has_samples(kind: str) -> bool:
+    return kind in (SAMPLE, TOP_K_SAMPLE)
+
+
+def targets_of(manifest: dict) -> dict:
+    """{kind, k, samples} of a cache; a v1 manifest (no `targets`) is a top-k cache of width `k`."""
+    targets = manifest.get("targets")
+    if targets is None:
+        return {"kind": TOP_K, "k": int(manifest["k"]), "samples": 0}
+    return {"kind": targets["kind"], "k": int(targets["k"]), "samples": int(targets["samples"])}
+
+
+def describe_targets(manifest: dict) -> str:
+    """"top-64", "16 samples", "top-8 + 16 samples"."""
+    targets = targets_of(manifest)
+    if targets["kind"] == TOP_K:
+        return f"top-{targets['k']}"
+    if targets["kind"] == SAMPLE:
+        return f"{targets['samples']} samples"
+    return f"top-{targets['k']} + {targets['samples']} samples"
+
+
+def soft_target_columns(kind: str) -> tuple[str, ...]:
+    return ((TOPK_IDS, TOPK_LOGPROBS) if has_topk(kind) else ()) + \
+        ((SAMPLE_LENGTHS, SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS) if has_samples(kind) else ())
+
+
 def arrow_schema(
     *, k: int, vocab_size: int, max_length: int, target_vocab_size: int | None = None,
-    with_token_type_ids: bool = False,
+    with_token_type_ids: bool = False, kind: str = TOP_K, samples: int = 0, format_version: int = FORMAT_VERSION,
 ) -> pa.Schema:
     """Schema of every shard of one cache.
+
+    kind/samples: the target kind and draws per position (sampled kinds); the top-k columns exist for
+    "top-k" and "top-k+sample" (k columns wide), the sample columns for "sample" and "top-k+sample".
 
     vocab_size: the tokenizer's vocabulary (input_ids).
     target_vocab_size: the size of the teacher's output space (topk_ids): the vocabulary for
@@ -75,19 +128,30 @@ def arrow_schema(
         pa.field(EXAMPLE_ID, pa.int64(), nullable=False),
         pa.field(INPUT_IDS, pa.list_(token), nullable=False),
         pa.field(POSITIONS, pa.list_(position), nullable=False),
-        pa.field(TOPK_IDS, pa.list_(pa.list_(target, k)), nullable=False),
-        pa.field(TOPK_LOGPROBS, pa.list_(pa.list_(pa.float16(), k)), nullable=False),
-        pa.field(LABELS, pa.list_(pa.int32()), nullable=False),
     ]
+    if has_topk(kind):
+        fields += [pa.field(TOPK_IDS, pa.list_(pa.list_(target, k)), nullable=False),
+                   pa.field(TOPK_LOGPROBS, pa.list_(pa.list_(pa.float16(), k)), nullable=False)]
+    if has_samples(kind):
+        # Variable length per position (as many entries as distinct ids were drawn, 0..samples), so the
+        # entries are flat per row and sample_lengths (one per position) says which belong to which.
+        count = smallest_uint(samples)
+        fields += [pa.field(SAMPLE_LENGTHS, pa.list_(count), nullable=False),
+                   pa.field(SAMPLE_IDS, pa.list_(target), nullable=False),
+                   pa.field(SAMPLE_LOGPROBS, pa.list_(pa.float16()), nullable=False),
+                   pa.field(SAMPLE_COUNTS, pa.list_(count), nullable=False)]
+    fields.append(pa.field(LABELS, pa.list_(pa.int32()), nullable=False))
     if with_token_type_ids:
         fields.append(pa.field(TOKEN_TYPE_IDS, pa.list_(pa.uint8()), nullable=False))
-    return pa.schema(fields, metadata={b"kdcache_format_version": str(FORMAT_VERSION).encode()})
+    return pa.schema(fields, metadata={b"kdcache_format_version": str(format_version).encode()})
 
 
 def schema_for_manifest(manifest: dict) -> pa.Schema:
     """The schema a cache's shards must have, derived from its manifest."""
+    targets = targets_of(manifest)
     return arrow_schema(
-        k=manifest["k"],
+        k=targets["k"], kind=targets["kind"], samples=targets["samples"],
+        format_version=manifest.get("format_version", FORMAT_VERSION),
         vocab_size=manifest["vocab_size"],
         max_length=manifest["max_length"],
         target_vocab_size=manifest.get("target_vocab_size", manifest["vocab_size"]),

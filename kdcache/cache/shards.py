@@ -9,12 +9,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import atomic_write_json
-from .storage import open_stream
+from ..errors import KdcacheError
+from .manifest import atomic_write_json, resolve_inside, writing
+from .storage import open_stream, parquet_file
 from .schema import (
     DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, POSITIONS,
     SHARD_DIR, SHARD_PATTERN, shard_name, shard_stats_name,
 )
+
+# Errors pyarrow raises for a damaged page: a failed page CRC, a zstd or thrift decode error,
+# a length that no longer adds up. All mean the same thing to a user.
+READ_ERRORS = (OSError, pa.ArrowException, ValueError)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -36,13 +41,21 @@ def write_shard(cache_dir: Path, index: int, table: pa.Table,
     final = cache_dir / shard_name(index)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    pq.write_table(
-        table, tmp, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
-        row_group_size=row_group_rows, use_dictionary=False, write_statistics=False,
-    )
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with writing("shard", final):
+        try:
+            # Page CRCs: every reader verifies each page it decodes, so a flipped bit is an
+            # error naming the shard instead of a silently changed soft target.
+            pq.write_table(
+                table, tmp, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+                row_group_size=row_group_rows, use_dictionary=False, write_statistics=False,
+                write_page_checksum=True,
+            )
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a half-written shard is never used; free its space now
+            raise
     positions = int(pa.compute.sum(pa.compute.list_value_length(table.column(POSITIONS))).as_py() or 0)
     stats = {
         "index": index,
@@ -52,8 +65,24 @@ def write_shard(cache_dir: Path, index: int, table: pa.Table,
         "bytes": final.stat().st_size,
         "sha256": file_sha256(final),
     }
-    atomic_write_json(cache_dir / shard_stats_name(index), stats)
+    with writing("shard sidecar", cache_dir / shard_stats_name(index)):
+        atomic_write_json(cache_dir / shard_stats_name(index), stats)
     return stats
+
+
+def open_shard(path: Path) -> pq.ParquetFile:
+    """A shard for reading, with every page's CRC checked as it is decoded (shards written
+    before kdcache stored page CRCs have none, and read as before)."""
+    return parquet_file(path, page_checksum_verification=True)  # local, or ranged reads from a bucket
+
+
+def corrupt_shard_error(cache_dir: Path, entry: dict, cause: BaseException | str) -> KdcacheError:
+    """The one message for a shard whose bytes no longer decode: which shard, and the fix."""
+    cause = cause if isinstance(cause, str) else (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    sidecar = shard_stats_name(entry["index"]) if "index" in entry else "its stats sidecar"
+    return KdcacheError(
+        f"shard {entry['file']} of cache {cache_dir} is corrupt ({cause}); re-dump it: delete {entry['file']} and "
+        f"{sidecar}, then re-run the same `kdcache dump-logits` command (its resume regenerates exactly that shard)")
 
 
 def read_shard_stats(cache_dir: Path, index: int) -> dict | None:
@@ -62,9 +91,9 @@ def read_shard_stats(cache_dir: Path, index: int) -> dict | None:
     sidecar = cache_dir / shard_stats_name(index)
     try:
         stats = json.loads(sidecar.read_text())
-        if (cache_dir / stats["file"]).stat().st_size != stats["bytes"]:
+        if resolve_inside(cache_dir, stats["file"], f"{sidecar.name} file").stat().st_size != stats["bytes"]:
             return None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, KdcacheError):
         return None
     return stats
 

@@ -1,40 +1,79 @@
-"""Summary numbers of a cache for `kdcache inspect`: sizes, top-k probability mass, teacher accuracy."""
+"""Summary numbers of a cache for `kdcache inspect`: sizes, ids and probability mass per position, teacher accuracy."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from . import schema as S
-from .manifest import read_manifest
-from .storage import location, parquet_file
+from .manifest import read_manifest, resolve_inside
+from .shards import READ_ERRORS, corrupt_shard_error, open_shard
+from .storage import location
+
+
+def _row_groups(cache_dir: Path, entry: dict, path: Path, columns: list[str]):
+    """(index, table) of each row group of a shard; a damaged one is a one-line error."""
+    try:
+        pf = open_shard(path)
+        for g in range(pf.num_row_groups):
+            yield g, pf.read_row_group(g, columns=columns)
+    except READ_ERRORS as e:
+        raise corrupt_shard_error(cache_dir, entry, e) from None
+
+
+def _values(table, name: str, depth: int) -> np.ndarray:
+    arr = table.column(name).combine_chunks()
+    for _ in range(depth):
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def cache_stats(cache_dir: Path) -> dict:
-    """Streams the shards one row group at a time, so memory stays bounded for big caches."""
-    cache_dir = location(cache_dir)
+    """Streams the shards one row group at a time, so memory stays bounded for big caches.
+
+    Per position: stored ids (top-k head + distinct drawn ids), teacher probability mass of the top-k
+    head (`mean_topk_mass`) and outside it (`mean_tail_mass`), and mass of all stored ids together
+    (`mean_stored_mass`). The teacher's top-1 is its first stored id (for `sample` caches, the most
+    probable id drawn)."""
+    cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest(cache_dir)
-    k = manifest["k"]
-    mass_sum, positions, labelled, correct = 0.0, 0, 0, 0
-    for entry in manifest.get("shards", []):
-        pf = parquet_file(cache_dir / entry["file"])
-        for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g, columns=[S.TOPK_IDS, S.TOPK_LOGPROBS, S.LABELS])
-            lp = t.column(S.TOPK_LOGPROBS).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
-            lp = lp.astype(np.float64).reshape(-1, k)
-            ids = t.column(S.TOPK_IDS).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            labels = t.column(S.LABELS).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            mass_sum += float(np.exp(lp).sum())
-            positions += len(lp)
+    targets = S.targets_of(manifest)
+    kind, k = targets["kind"], targets["k"]
+    columns = list(S.soft_target_columns(kind)) + [S.LABELS]
+    head_mass, stored_mass, entries, positions, labelled, correct = 0.0, 0.0, 0, 0, 0, 0
+    shards = manifest.get("shards", [])
+    paths = [resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file") for i, entry in enumerate(shards)]
+    for entry, path in zip(shards, paths):
+        for _, t in _row_groups(cache_dir, entry, path, columns):
+            labels = _values(t, S.LABELS, 1)
+            n = len(labels)
+            top1 = np.full(n, -1, np.int64)
+            if S.has_topk(kind):
+                lp = _values(t, S.TOPK_LOGPROBS, 2).astype(np.float64).reshape(-1, k)
+                ids = _values(t, S.TOPK_IDS, 2).reshape(-1, k)
+                mass = float(np.exp(lp).sum())
+                head_mass += mass
+                stored_mass += mass
+                entries += lp.size
+                top1 = ids[:, 0].astype(np.int64)
+            if S.has_samples(kind):
+                lengths = _values(t, S.SAMPLE_LENGTHS, 1).astype(np.int64)
+                stored_mass += float(np.exp(_values(t, S.SAMPLE_LOGPROBS, 1).astype(np.float64)).sum())
+                entries += int(lengths.sum())
+                if kind == S.SAMPLE and n:  # entries are stored most probable first; every position has one
+                    firsts = np.cumsum(lengths) - lengths
+                    top1 = _values(t, S.SAMPLE_IDS, 1)[firsts].astype(np.int64)
+            positions += n
             known = labels >= 0
             labelled += int(known.sum())
-            correct += int((ids[known, 0] == labels[known]).sum())
+            correct += int((top1[known] == labels[known]).sum())
     totals = manifest.get("totals", {})
     bytes_ = totals.get("bytes", 0)
     teacher = manifest.get("teacher", {})
+    mean = (lambda x: round(x / positions, 6) if positions else None)  # noqa: E731
     return {
         "cache": str(cache_dir),
+        "format_version": manifest.get("format_version"),
         "task": manifest["task"],
         "teacher": teacher.get("source"),
         "teacher_architecture": teacher.get("architecture"),
@@ -42,13 +81,18 @@ def cache_stats(cache_dir: Path) -> dict:
         "shards": f"{len(manifest.get('shards', []))}/{manifest.get('num_shards')}",
         "rows": totals.get("rows", 0),
         "positions": positions,
+        "targets": kind,
         "k": k,
+        "samples": targets["samples"] or None,
         "target_vocab_size": manifest.get("target_vocab_size"),
         "dtype": manifest.get("dtype"),
         "max_length": manifest.get("max_length"),
         "bytes": bytes_,
         "bytes_per_position": round(bytes_ / positions, 2) if positions else None,
-        "mean_topk_mass": round(mass_sum / positions, 6) if positions else None,
+        "mean_ids_per_position": round(entries / positions, 3) if positions else None,
+        "mean_topk_mass": mean(head_mass) if S.has_topk(kind) else None,
+        "mean_tail_mass": round(1 - head_mass / positions, 6) if positions and S.has_topk(kind) else None,
+        "mean_stored_mass": mean(stored_mass),
         "labelled_positions": labelled,
         "teacher_top1_accuracy": round(correct / labelled, 6) if labelled else None,
     }

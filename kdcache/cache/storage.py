@@ -162,6 +162,17 @@ def local_dir(path: Path | ObjectPath) -> Path:
     return _local_copies[str(path)]
 
 
+def local_file(path: Path | ObjectPath) -> Path:
+    """A file on local disk with the contents of `path` (copied once per process when remote)."""
+    if not isinstance(path, ObjectPath):
+        return path
+    if str(path) not in _local_copies:
+        copy = Path(tempfile.mkdtemp(prefix="kdcache-")) / path.name
+        copy.write_bytes(path.read_bytes())
+        _local_copies[str(path)] = copy
+    return _local_copies[str(path)]
+
+
 def describe(where) -> str:
     """How a location is recorded in run summaries: a URI as given, a local path made absolute."""
     return str(where) if is_remote(where) else str(Path(where).resolve())

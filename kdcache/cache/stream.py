@@ -28,13 +28,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import KdcacheError
 from .collate import DecodedRows, collate
-from .manifest import read_manifest
+from .manifest import read_manifest, resolve_inside
 from .partition import Geometry, Stage, group_order, window_order
 from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, REQUIRED_COLUMNS, TOKEN_TYPE_IDS, TOPK_IDS, TOPK_LOGPROBS,
-    schema_for_manifest,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns, targets_of,
 )
+from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 
 DEFAULT_SHUFFLE_BUFFER = 2048
 # Shard files a stream keeps open at once: re-opening one costs only a footer read.
@@ -79,7 +79,8 @@ class OpenCache:
     @property
     def tokenizer_dir(self) -> Path:
         # On local disk: the Hugging Face loaders read folders (copied once from a bucket).
-        return local_dir(self.dir / (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"))
+        return local_dir(resolve_inside(self.dir, (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"),
+                                        "tokenizer.dir"))
 
     @property
     def has_token_type_ids(self) -> bool:
@@ -99,8 +100,9 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
         raise KdcacheError(f"cache {cache_dir} lists no shards; re-create it with `kdcache dump-logits`")
     expected = schema_for_manifest(manifest)
     paths, groups = [], []
+    resolve_inside(cache_dir, (manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
     for i, shard in enumerate(shards):
-        path = cache_dir / shard["file"]
+        path = resolve_inside(cache_dir, shard.get("file"), f"shards[{i}].file")
         fix = f"re-run the dump-logits command that made it (it rewrites missing shards) or `kdcache verify {cache_dir}`"
         if not path.is_file():
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is missing; {fix}")
@@ -112,12 +114,11 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             meta = parquet_file(path).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for a damaged file
-            raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: unreadable Parquet "
-                               f"({str(e).splitlines()[0]}); {fix}") from None
+            # Its sidecar still says "complete", so only deleting both makes the dump rewrite it.
+            raise corrupt_shard_error(cache_dir, shard, f"unreadable Parquet: {str(e).splitlines()[0]}") from None
         if meta.num_rows != shard["rows"]:
-            raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {meta.num_rows} rows, "
-                               f"the manifest says {shard['rows']}; {fix}")
-        for name in REQUIRED_COLUMNS + ((TOKEN_TYPE_IDS,) if TOKEN_TYPE_IDS in expected.names else ()):
+            raise corrupt_shard_error(cache_dir, shard, f"{meta.num_rows} rows, the manifest says {shard['rows']}")
+        for name in expected.names:  # the target kind's columns, token_type_ids where cached
             if name not in schema.names or schema.field(name).type != expected.field(name).type:
                 found = schema.field(name).type if name in schema.names else "missing"
                 raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} has column {name!r} of type "
@@ -182,7 +183,7 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
-            cols += [TOPK_IDS, TOPK_LOGPROBS]
+            cols += list(soft_target_columns(targets_of(self.cache.manifest)["kind"]))
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)
         return cols
@@ -198,9 +199,13 @@ class CacheStream(IterableDataset):
             # would grow with the cache, so only the most recently used stay open.
             while len(self._files) >= OPEN_SHARDS:
                 self._files.pop(next(iter(self._files)))
-            self._files[group.shard] = parquet_file(self.cache.shard_paths[group.shard])
-        # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
-        table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
+            self._files[group.shard] = open_shard(self.cache.shard_paths[group.shard])
+        try:
+            # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
+            table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
+        except READ_ERRORS as e:  # a page CRC mismatch, or a flip that broke decoding first
+            entry = sorted(self.cache.manifest["shards"], key=lambda s: s["index"])[group.shard]
+            raise corrupt_shard_error(self.cache.dir, entry, e) from None
         self._last_group = (index, table)
         return table
 
@@ -296,6 +301,16 @@ class CacheStream(IterableDataset):
         return pa.concat_tables(pieces)
 
 
+def worker_message(error: KdcacheError) -> str:
+    """The one-line message of a KdcacheError raised in a DataLoader worker: torch re-raises it
+    in the main process wrapped with the worker's traceback; the message is its last line."""
+    text = str(error)
+    marker = "KdcacheError: "
+    if "Traceback" in text and marker in text:
+        return text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+    return text
+
+
 class StreamLoader:
     """A DataLoader over a CacheStream that knows its position: (epoch, stage, micro-batches
     consumed), the same on every rank (see kdcache.cache.partition).
@@ -318,9 +333,12 @@ class StreamLoader:
         # or resuming would shift dropout masks relative to an uninterrupted run.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.stream.num_workers,
                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
-        for batch in loader:
-            self.batches += 1
-            yield batch
+        try:
+            for batch in loader:
+                self.batches += 1
+                yield batch
+        except KdcacheError as e:
+            raise KdcacheError(worker_message(e)) from None
 
     def next_epoch(self) -> None:
         self.epoch, self.stage, self.batches = self.epoch + 1, self.stream.first_stage(), 0

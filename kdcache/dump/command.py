@@ -36,8 +36,14 @@ def _local_out(value: str) -> Path:
               help="LM tasks: concatenate the corpus and cut max-length blocks (default), or truncate each example.")
 @click.option("--mlm-probability", type=float, default=0.15, show_default=True, help="MLM: fraction of tokens masked.")
 @click.option("--mask-copies", type=int, default=1, show_default=True, help="MLM: differently-masked views per sequence.")
+@click.option("--targets", type=click.Choice(["top-k", "sample", "top-k+sample"]), default="top-k", show_default=True,
+              help="Soft targets per position: the k most probable ids (biased: drops the tail); N draws from the "
+                   "teacher's softmax stored as distinct ids with counts (unbiased); or the exact top-k plus N draws "
+                   "from the rest (unbiased, lower variance). LM tasks only; see docs/FORMAT.md.")
 @click.option("--top-k", "top_k", type=int, default=64, show_default=True,
-              help="Soft targets kept per position (seq-cls keeps every label).")
+              help="Soft targets kept per position (top-k), or the exact head of top-k+sample (seq-cls keeps every label).")
+@click.option("--samples", type=int, default=16, show_default=True,
+              help="Draws per position for --targets sample and top-k+sample (with replacement, at T = 1).")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Teacher precision; auto = fp16 on CUDA, fp32 on CPU. Log-softmax is always fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -45,20 +51,22 @@ def _local_out(value: str) -> Path:
 @click.option("--max-tokens-per-batch", type=int, default=None,
               help="Max padded tokens per forward pass (default 8192 unless --batch-size is given).")
 @click.option("--shard-rows", type=int, default=4096, show_default=True, help="Rows per Parquet shard (unit of resume).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the MLM masks.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the MLM masks and of the sampled targets' draws.")
 @click.option("--limit", type=int, default=None, help="Use only the first N examples of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace a different cache in --out (after the inputs are validated).")
 @click.option("--dry-run", is_flag=True, help="Tokenize and mask only; print rows, positions and estimated size.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the teacher's own modelling code (only for models you trust).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def dump_logits(no_progress, **options):
-    """Run TEACHER once over DATA and write its top-k soft targets to a sharded Parquet cache.
+    """Run TEACHER once over DATA and write its soft targets (top-k or sampled) to a sharded Parquet cache.
 
     \b
     Re-running the same command resumes after the last complete shard.
     Under torchrun, rank r dumps shards i with i % world_size == r.
     Example:
       kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/ --top-k 32
+      kdcache dump-logits --teacher ./llama --out cache/ --targets top-k+sample --top-k 8 --samples 16
     """
     from ..progress import hide_library_progress_bars
     from .run import DumpOptions, run_dump

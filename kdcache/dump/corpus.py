@@ -6,6 +6,7 @@ so example ids trace back to the user's data even after empty rows are dropped.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob as globlib
 import hashlib
@@ -41,6 +42,59 @@ def _local_files(data: str) -> list[Path] | None:
     return None
 
 
+# Bytes of each text file checked before loading: enough to catch a binary file, cheap for any corpus.
+SNIFF_BYTES = 1 << 20
+
+
+def _file_problem(path: Path, builder: str, limit: int | None = SNIFF_BYTES) -> str | None:
+    """What makes `path` unusable as a `builder` corpus file, in a few words; None if nothing
+    is seen in its first `limit` bytes (all of it when limit is None)."""
+    size = path.stat().st_size
+    if builder == "parquet":
+        if size == 0:
+            return "is empty (0 bytes)"
+        import pyarrow.parquet as pq
+        try:
+            pq.read_metadata(path)
+        except Exception as e:  # noqa: BLE001 - any footer failure means "not Parquet"
+            return f"is not a Parquet file ({(str(e).splitlines() or [type(e).__name__])[0]})"
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with open(path, "rb") as f:
+        while block := f.read(min(1 << 20, limit - offset) if limit is not None else 1 << 20):
+            nul = block.find(b"\x00")
+            try:
+                decoder.decode(block[:nul] if nul >= 0 else block, final=False)
+            except UnicodeDecodeError as e:
+                return f"is not UTF-8 text (byte 0x{block[e.start]:02x} at offset {offset + e.start}: binary data?)"
+            if nul >= 0:
+                return f"is binary, not UTF-8 text (NUL byte at offset {offset + nul})"
+            blank = blank and not block.strip()
+            offset += len(block)
+            if limit is not None and offset >= limit:
+                return None
+    if blank:
+        return f"is empty ({'0 bytes' if size == 0 else 'whitespace only'}: no non-empty text)"
+    return None
+
+
+def _check_files(files: list[Path], data: str, builder: str, limit: int | None = SNIFF_BYTES) -> None:
+    for path in files:
+        problem = _file_problem(path, builder, limit)
+        if problem:
+            raise KdcacheError(f"--data {data}: file {path} {problem}; fix or remove that file, or point --data elsewhere")
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The root cause of a wrapped error (datasets wraps parse errors in DatasetGenerationError)."""
+    seen = set()
+    while id(error) not in seen and (error.__cause__ or error.__context__) is not None:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _load_local(files: list[Path], data: str, split: str):
     import datasets
 
@@ -52,12 +106,17 @@ def _load_local(files: list[Path], data: str, split: str):
     if len(builders) > 1 or (".tsv" in suffixes and ".csv" in suffixes):
         raise KdcacheError(f"--data {data} mixes file types {sorted(suffixes)}; point at one kind of file")
     builder = builders.pop()
+    _check_files(files, data, builder)
     # TSV: tabs only, no quote handling (csv.QUOTE_NONE); quotes inside texts are data, e.g. in SMS Spam.
     kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if ".tsv" in suffixes else {}
     try:
         return datasets.load_dataset(builder, data_files={split: [str(p.resolve()) for p in files]}, split=split, **kwargs)
     except Exception as e:  # noqa: BLE001 - a parse failure of the user's file is a user error
-        raise KdcacheError(f"cannot read --data {data} as {builder}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+        _check_files(files, data, builder, limit=None)  # the whole files this time: name the bad one
+        cause = _innermost(e)
+        raise KdcacheError(f"cannot read --data {data} as {builder}: {type(cause).__name__}: "
+                           f"{(str(cause).splitlines() or [''])[0]}; check that the file is {builder} "
+                           "(one example per line for .txt/.jsonl)") from None
 
 
 def _load_hub(data: str, split: str):

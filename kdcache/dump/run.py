@@ -17,7 +17,9 @@ import torch
 
 from .. import __version__
 from ..cache import schema as S
-from ..cache.manifest import atomic_write_json, identity_differences, manifest_path, read_manifest
+from ..cache.manifest import (
+    atomic_write_bytes, enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
+)
 from ..cache.shards import complete_shards, remove_partial_files
 from ..distributed import ProcessGroup
 from ..distributed import setup as setup_process_group
@@ -25,13 +27,16 @@ from ..errors import KdcacheError
 from .batching import make_batches, padded_tokens
 from .corpus import load_corpus
 from .rows import MaskingRecipe, RowPlan, tokenize_corpus
-from .targets import topk_targets
-from .teacher import load_model, load_teacher
+from .targets import sampled_targets, topk_targets
+from .teacher import config_json, load_model, load_teacher
 from .writer import ShardWriter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_MAX_TOKENS_PER_BATCH = 8192
+# Draws per position for the sampled target kinds (Anshumann et al. 2025 report near-full-KD
+# quality at ~12 unique tokens per position; 16 draws give ~6-12 distinct ids on an LM teacher).
+DEFAULT_SAMPLES = 16
 
 
 @dataclass
@@ -49,6 +54,8 @@ class DumpOptions:
     mlm_probability: float = 0.15
     mask_copies: int = 1
     top_k: int = 64
+    targets: str = S.TOP_K
+    samples: int = DEFAULT_SAMPLES
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int | None = None
@@ -113,6 +120,10 @@ def check_output_dir(out: Path, new_identity: dict, overwrite: bool) -> bool:
     """
     if out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out} is a file, not a directory; choose a new directory for the cache")
+    outer = enclosing_cache(out.parent)
+    if outer is not None:
+        raise KdcacheError(f"--out {out} is inside the cache {outer}: its files would mix with that cache's (and "
+                           "`pandas.read_parquet(CACHE/data)` would break); choose an --out outside it")
     if not out.exists():
         return False
     if manifest_path(out).is_file():
@@ -146,7 +157,7 @@ def check_writable(out: Path) -> None:
 def clear_cache(out: Path) -> None:
     """Remove only what a cache consists of, never other files a user may keep there."""
     manifest_path(out).unlink(missing_ok=True)
-    for sub in (S.SHARD_DIR, S.TOKENIZER_DIR):
+    for sub in (S.SHARD_DIR, S.TOKENIZER_DIR, Path(S.TEACHER_CONFIG).parent):
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
@@ -154,7 +165,8 @@ def special_token_ids(tokenizer) -> dict:
     return {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "bos", "eos", "cls", "sep", "mask")}
 
 
-def build_manifest(opts: DumpOptions, teacher, corpus, *, task, k, dtype, max_length, packing, num_shards) -> dict:
+def build_manifest(opts: DumpOptions, teacher, corpus, *, task, k, dtype, max_length, packing, num_shards,
+                   targets: dict | None = None) -> dict:
     config = teacher.config
     id2label = None
     if task == "seq-cls":
@@ -164,6 +176,7 @@ def build_manifest(opts: DumpOptions, teacher, corpus, *, task, k, dtype, max_le
         "kdcache_version": __version__,
         "task": task,
         "k": k,
+        "targets": targets or {"kind": S.TOP_K, "k": k, "samples": 0},
         "vocab_size": teacher.vocab_size,
         "target_vocab_size": teacher.target_vocab_size,
         "num_labels": teacher.target_vocab_size if task == "seq-cls" else None,
@@ -179,6 +192,7 @@ def build_manifest(opts: DumpOptions, teacher, corpus, *, task, k, dtype, max_le
         "special_token_ids": special_token_ids(teacher.tokenizer),
         "teacher": teacher.fingerprint,
         "tokenizer": {"sha256": teacher.tokenizer_sha256, "dir": S.TOKENIZER_DIR},
+        "teacher_config": S.TEACHER_CONFIG,
         "data": corpus.description,
         "complete": False,
         "num_shards": num_shards,
@@ -198,8 +212,12 @@ def with_shards(manifest: dict, out: Path) -> dict:
 
 def validate(opts: DumpOptions, dist: Dist):
     """Everything that can be wrong with the inputs, checked before anything is written."""
+    if opts.targets not in S.TARGET_KINDS:
+        raise KdcacheError(f"--targets {opts.targets!r} is not a target kind; use one of {', '.join(S.TARGET_KINDS)}")
     if opts.top_k < 1:
         raise KdcacheError(f"--top-k must be >= 1, got {opts.top_k}")
+    if S.has_samples(opts.targets) and not 1 <= opts.samples <= 65535:
+        raise KdcacheError(f"--samples must be within 1..65535 for --targets {opts.targets}, got {opts.samples}")
     if opts.shard_rows < 1:
         raise KdcacheError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
     if opts.mask_copies < 1:
@@ -208,18 +226,29 @@ def validate(opts: DumpOptions, dist: Dist):
         raise KdcacheError(f"--mlm-probability must be in (0, 1), got {opts.mlm_probability}")
     if opts.limit is not None and opts.limit < 1:
         raise KdcacheError(f"--limit must be >= 1, got {opts.limit}")
+    # Explicit zeros are mistakes, not "use the default" (`or` below would swallow them).
+    for option, value, least in (("--max-length", opts.max_length, 2), ("--batch-size", opts.batch_size, 1),
+                                 ("--max-tokens-per-batch", opts.max_tokens_per_batch, 1)):
+        if value is not None and value < least:
+            raise KdcacheError(f"{option} must be >= {least}, got {value}; leave it out for the default")
     device = resolve_device(opts.device, dist)
     dtype = resolve_dtype(opts.dtype, device)
     teacher = load_teacher(opts.teacher, task=opts.task, trust_remote_code=opts.trust_remote_code, load_weights=False)
     task = teacher.task
     if task == "seq-cls":
+        if opts.targets != S.TOP_K:
+            raise KdcacheError(f"--targets {opts.targets} is for LM teachers; a sequence-classification cache "
+                               "already stores every class exactly: drop --targets (or pass --targets top-k)")
         k = teacher.target_vocab_size  # the whole label set: classification targets are tiny
         packing = None
     else:
         if opts.top_k > teacher.target_vocab_size:
             raise KdcacheError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary of {teacher.target_vocab_size}; "
                                f"pass --top-k {teacher.target_vocab_size} or less")
-        k = opts.top_k
+        k = 0 if opts.targets == S.SAMPLE else opts.top_k
+        if opts.targets == S.TOP_K_SAMPLE and k >= teacher.target_vocab_size:
+            raise KdcacheError(f"--targets top-k+sample with --top-k {k} leaves no tail of the teacher's "
+                               f"{teacher.target_vocab_size} outputs to sample; pass a smaller --top-k or --targets top-k")
         packing = True if opts.packing is None else opts.packing
         if opts.text_pair_column:
             raise KdcacheError("--text-pair-column is for sequence-pair classification teachers (--task seq-cls)")
@@ -244,13 +273,17 @@ def validate(opts: DumpOptions, dist: Dist):
 # ---------------------------------------------------------------- forward
 
 class TeacherRunner:
-    """Pads a batch on the right, runs the teacher, returns host-side top-k per row.
+    """Pads a batch on the right, runs the teacher, returns host-side soft targets per row.
 
     Right padding keeps default position ids correct for every architecture.
+    kind/samples/seed: the target kind (top-k, sample, top-k+sample), draws per position and the
+    seed the draws are keyed by (with each target's example id and position).
     """
 
-    def __init__(self, teacher, task: str, k: int, device: torch.device, pad_id: int):
+    def __init__(self, teacher, task: str, k: int, device: torch.device, pad_id: int, *,
+                 kind: str = S.TOP_K, samples: int = 0, seed: int = 0):
         self.model, self.task, self.k, self.device, self.pad_id = teacher.model, task, k, device, pad_id
+        self.kind, self.samples, self.seed = kind, samples, seed
         self.pin = device.type == "cuda"
 
     def collate(self, rows) -> dict:
@@ -275,6 +308,17 @@ class TeacherRunner:
         with torch.inference_mode():
             return self.model(**batch, **kwargs).logits
 
+    def device_targets(self, logits, b, p, e) -> tuple:
+        """(top-k ids, top-k log-probs, finite flags, [sampled ids, log-probs, counts] or None) for the
+        targets at rows b, positions p (example ids e), computed on the teacher's device."""
+        if self.kind == S.TOP_K:
+            return (*topk_targets(logits, b, p, self.k), None)
+        drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
+                                head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
+        # Counts fit 16 bits for any N the CLI allows below 2^15: half the bytes to copy to the host.
+        counts = drawn["counts"].to(torch.int16) if self.samples < 2**15 else drawn["counts"]
+        return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], drawn["logprobs"], counts]
+
     def launch(self, rows) -> tuple:
         """Queue the forward and top-k of one batch; on CUDA this returns before the GPU is done,
         so the host can prepare the next batch meanwhile (finish() waits)."""
@@ -282,18 +326,22 @@ class TeacherRunner:
         logits = self.forward(batch)
         with torch.inference_mode():
             if self.task == "seq-cls":
-                ids, values, finite = topk_targets(logits, None, None, self.k)
+                ids, values, finite = topk_targets(logits, None, None, self.k)  # every class, exactly
+                sampled = None
                 counts = [1] * len(rows)
             else:
                 counts = [len(r.positions) for r in rows]
                 b = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
                 p = torch.from_numpy(np.concatenate([r.positions for r in rows]))
+                e = torch.repeat_interleave(torch.tensor([r.example_id for r in rows], dtype=torch.long), torch.tensor(counts))
                 if self.pin:
-                    b, p = b.pin_memory(), p.pin_memory()
-                ids, values, finite = topk_targets(logits, b.to(self.device, non_blocking=True),
-                                                   p.to(self.device, non_blocking=True), self.k)
+                    b, p, e = b.pin_memory(), p.pin_memory(), e.pin_memory()
+                b, p, e = (t.to(self.device, non_blocking=True) for t in (b, p, e))
+                ids, values, finite, sampled = self.device_targets(logits, b, p, e)
             del logits  # the full-vocabulary logits stay on the device and are freed here
-            host = [t.to("cpu", non_blocking=self.pin) for t in (ids, values, finite)]
+            host = [t.to("cpu", non_blocking=self.pin) if t is not None else None for t in (ids, values, finite)]
+            if sampled is not None:
+                host.append([t.to("cpu", non_blocking=self.pin) for t in sampled])
         event = None
         if self.pin:
             event = torch.cuda.Event()
@@ -302,17 +350,32 @@ class TeacherRunner:
 
     @staticmethod
     def finish(pending) -> tuple[list, list[int]]:
-        """[(row, topk_ids, topk_logprobs)] and the example ids whose outputs were not finite."""
+        """[(row, topk_ids, topk_logprobs[, samples])] and the example ids whose outputs were not finite.
+
+        samples (sampled kinds): (entries per position, ids, log-probs, counts), flat over the row's
+        positions in order; topk_ids/topk_logprobs are None for the `sample` kind."""
         rows, counts, host, event = pending
         if event is not None:
             event.synchronize()
-        ids, values, finite = (t.numpy() for t in host)
+        ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
+        samples = None
+        if len(host) > 3:
+            s_ids, s_lp, s_counts = (t.numpy() for t in host[3])
+            present = s_counts > 0  # entries packed to the left, empty slots count 0
+            lengths = present.sum(1)
+            flat = (s_ids[present], s_lp[present], s_counts[present])
+            entry_offsets = np.concatenate([[0], np.cumsum(lengths)])
         out, bad, start = [], [], 0
         for r, n in zip(rows, counts):
-            out.append((r, ids[start:start + n], values[start:start + n]))
-            if not finite[start:start + n].all():
+            stop = start + n
+            result = (r, None if ids is None else ids[start:stop], None if values is None else values[start:stop])
+            if len(host) > 3:
+                a, b = entry_offsets[start], entry_offsets[stop]
+                result += ((lengths[start:stop],) + tuple(f[a:b] for f in flat),)
+            out.append(result)
+            if not finite[start:stop].all():
                 bad.append(r.example_id)
-            start += n
+            start = stop
         return out, bad
 
     def __call__(self, rows) -> tuple[list, list[int]]:
@@ -347,8 +410,9 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
     masking = MaskingRecipe(teacher.tokenizer, teacher.vocab_size, opts.mlm_probability, opts.seed) if task == "mlm" else None
     plan = RowPlan(tokenized, task=task, max_length=max_length, packing=bool(packing), shard_rows=opts.shard_rows,
                    masking=masking, mask_copies=opts.mask_copies)
+    targets = {"kind": opts.targets, "k": k, "samples": opts.samples if S.has_samples(opts.targets) else 0}
     manifest = build_manifest(opts, teacher, corpus, task=task, k=k, dtype=dtype, max_length=max_length,
-                              packing=packing, num_shards=plan.num_shards)
+                              packing=packing, num_shards=plan.num_shards, targets=targets)
     arrow_schema = S.schema_for_manifest(manifest)
 
     if opts.dry_run:
@@ -366,8 +430,12 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
                 clear_cache(out)
             remove_partial_files(out)
             # Manifest first: a run killed right after still leaves a directory recognised as this cache.
-            atomic_write_json(manifest_path(out), with_shards(manifest, out))
-            teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
+            write_cache_json(manifest_path(out), with_shards(manifest, out))
+            with writing("the tokenizer", out / S.TOKENIZER_DIR):
+                teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
+            with writing("the teacher config", out / S.TEACHER_CONFIG):
+                (out / S.TEACHER_CONFIG).parent.mkdir(exist_ok=True)
+                atomic_write_bytes(out / S.TEACHER_CONFIG, config_json(teacher))
         except KdcacheError as e:
             error = str(e)
     dist.share_error(error)
@@ -379,9 +447,10 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
 
     def on_written(stats):
         if dist.rank == 0:  # rank 0 owns the manifest; other ranks' sidecars are picked up too
-            atomic_write_json(manifest_path(out), with_shards(manifest, out))
+            write_cache_json(manifest_path(out), with_shards(manifest, out))
 
-    runner = TeacherRunner(teacher, task, k, device, pad_id=teacher.tokenizer.pad_token_id or 0)
+    runner = TeacherRunner(teacher, task, k, device, pad_id=teacher.tokenizer.pad_token_id or 0,
+                           kind=targets["kind"], samples=targets["samples"], seed=opts.seed)
     writer = ShardWriter(out, arrow_schema, k, on_written=on_written, threads=writer_threads(device))
     total_tokens = sum(plan.shard_tokens(i) for i in mine)
     real, padded = 0, 0
@@ -428,7 +497,7 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
     final = with_shards(manifest, out)
     final["dump"] = accumulate_runs(previous_run, run_info)
     if dist.rank == 0:
-        atomic_write_json(manifest_path(out), final)
+        write_cache_json(manifest_path(out), final)
     summary = summarize(final, run_info, out)
     echo(summary)
     return DumpResult(final, final["totals"]["rows"], final["totals"]["positions"], plan.num_shards,
@@ -480,7 +549,7 @@ def summarize(manifest: dict, run_info: dict, out: Path) -> str:
     t = manifest["totals"]
     per_pos = t["bytes"] / t["positions"] if t["positions"] else 0.0
     state = "complete" if manifest["complete"] else f"INCOMPLETE ({len(manifest['shards'])}/{manifest['num_shards']} shards; re-run to finish)"
-    return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions (top-{manifest['k']}, {manifest['task']}) "
+    return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions ({S.describe_targets(manifest)}, {manifest['task']}) "
             f"in {manifest['num_shards']} shards to {out}: {human_bytes(t['bytes'])} on disk, {per_pos:.1f} bytes per position; "
             f"this run processed {run_info['real_tokens']:,} tokens in {run_info['seconds']:.1f} s "
             f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}.")
@@ -494,14 +563,24 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
             rows += 1
             positions += len(r.positions)
             tokens += len(r.input_ids)
-    id_bytes = arrow_schema.field(S.TOPK_IDS).type.value_type.value_type.bit_width // 8
+    target_type = S.id_type(manifest["target_vocab_size"])
+    id_bytes = target_type.bit_width // 8
     tok_bytes = arrow_schema.field(S.INPUT_IDS).type.value_type.bit_width // 8
     pos_bytes = arrow_schema.field(S.POSITIONS).type.value_type.bit_width // 8
-    k = manifest["k"]
-    estimate = positions * (k * (id_bytes + 2) + pos_bytes + 4) + tokens * tok_bytes + rows * 8
+    targets = S.targets_of(manifest)
+    k, draws = targets["k"], targets["samples"]
+    per_position = k * (id_bytes + 2) + pos_bytes + 4
+    if draws:
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
+        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
+        count_bytes = S.smallest_uint(draws).bit_width // 8
+        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + count_bytes
+    estimate = positions * per_position + tokens * tok_bytes + rows * 8
+    bound = " at most" if draws else ""
     summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "
-               f"estimated cache size {human_bytes(estimate)} before compression "
-               f"({estimate / max(positions, 1):.0f} bytes per position at top-{k}; zstd usually saves a little on log-probs, "
+               f"estimated cache size{bound} {human_bytes(estimate)} before compression "
+               f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {S.describe_targets(manifest)}"
+               f"{'; every draw counted as a distinct id' if draws else ''}; zstd usually saves a little on log-probs, "
                "more on ids); the teacher was not run.")
     echo(summary)
     return DumpResult(None, rows, positions, plan.num_shards, real_tokens=tokens, summary=summary,

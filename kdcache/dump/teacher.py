@@ -180,6 +180,15 @@ def load_teacher(teacher: str, *, task: str | None = None, dtype=None, device="c
     return teacher
 
 
+def config_json(teacher: Teacher) -> bytes:
+    """The teacher's config.json as stage two should see it: the file itself for a model folder,
+    the config transformers derives for a GGUF teacher (which has no config.json)."""
+    folder = Path(teacher.load_source)
+    if not teacher.gguf_file and (folder / "config.json").is_file():
+        return (folder / "config.json").read_bytes()
+    return teacher.config.to_json_string(use_diff=False).encode()
+
+
 def load_model(teacher: Teacher, *, dtype=None, device="cpu") -> None:
     """Load the weights (the slow part), after every cheap check on config, tokenizer and corpus."""
     try:

@@ -25,7 +25,9 @@ def _list(lengths, values: np.ndarray, list_type: pa.DataType) -> pa.Array:
 
 
 def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
-    """results: (Row, topk_ids (n, k) int, topk_logprobs (n, k) float16), in any order.
+    """results: (Row, topk_ids (n, k) int, topk_logprobs (n, k) float16[, samples]), in any order;
+    samples (sampled kinds) = (entries per position (n,), ids, log-probs, counts), flat over the
+    row's entries. The top-k pair is None for the `sample` kind.
 
     Rows are written in example_id order, so a shard's bytes never depend on batching.
     """
@@ -33,23 +35,33 @@ def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
     rows = [r[0] for r in results]
     n_pos = [len(r.positions) for r in rows]
     field = arrow_schema.field
+    names = arrow_schema.names
     cat = lambda arrays, dtype: np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)  # noqa: E731
-    topk_ids_type = field(S.TOPK_IDS).type
-    topk_lp_type = field(S.TOPK_LOGPROBS).type
-    ids_flat = pa.array(cat([r[1].reshape(-1) for r in results], np.int64), type=topk_ids_type.value_type.value_type)
-    lp_flat = pa.array(cat([r[2].reshape(-1) for r in results], np.float16), type=pa.float16())
     columns = {
         S.EXAMPLE_ID: pa.array([r.example_id for r in rows], pa.int64()),
         S.INPUT_IDS: _list([len(r.input_ids) for r in rows], cat([r.input_ids for r in rows], np.int64), field(S.INPUT_IDS).type),
         S.POSITIONS: _list(n_pos, cat([r.positions for r in rows], np.int64), field(S.POSITIONS).type),
-        S.TOPK_IDS: pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(ids_flat, k), type=topk_ids_type),
-        S.TOPK_LOGPROBS: pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(lp_flat, k), type=topk_lp_type),
         S.LABELS: _list(n_pos, cat([r.labels for r in rows], np.int32), field(S.LABELS).type),
     }
-    if S.TOKEN_TYPE_IDS in arrow_schema.names:
+    if S.TOPK_IDS in names:
+        topk_ids_type = field(S.TOPK_IDS).type
+        topk_lp_type = field(S.TOPK_LOGPROBS).type
+        ids_flat = pa.array(cat([r[1].reshape(-1) for r in results], np.int64), type=topk_ids_type.value_type.value_type)
+        lp_flat = pa.array(cat([r[2].reshape(-1) for r in results], np.float16), type=pa.float16())
+        columns[S.TOPK_IDS] = pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(ids_flat, k),
+                                                       type=topk_ids_type)
+        columns[S.TOPK_LOGPROBS] = pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(lp_flat, k),
+                                                            type=topk_lp_type)
+    if S.SAMPLE_IDS in names:
+        columns[S.SAMPLE_LENGTHS] = _list(n_pos, cat([r[3][0] for r in results], np.int64), field(S.SAMPLE_LENGTHS).type)
+        row_entries = [len(r[3][1]) for r in results]
+        for i, (name, dtype) in enumerate(((S.SAMPLE_IDS, np.int64), (S.SAMPLE_LOGPROBS, np.float16),
+                                          (S.SAMPLE_COUNTS, np.int64)), start=1):
+            columns[name] = _list(row_entries, cat([r[3][i] for r in results], dtype), field(name).type)
+    if S.TOKEN_TYPE_IDS in names:
         columns[S.TOKEN_TYPE_IDS] = _list([len(r.input_ids) for r in rows], cat([r.token_type_ids for r in rows], np.int64),
                                           field(S.TOKEN_TYPE_IDS).type)
-    return pa.Table.from_arrays([columns[name] for name in arrow_schema.names], schema=arrow_schema)
+    return pa.Table.from_arrays([columns[name] for name in names], schema=arrow_schema)
 
 
 class ShardWriter:

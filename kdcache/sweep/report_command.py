@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..cache.manifest import atomic_write_bytes, read_manifest
+from ..cache.schema import TOP_K, describe_targets, targets_of
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
 from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
@@ -130,13 +131,15 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
         f"Task `{task}`; teacher `{teacher_info.get('source')}`"
         + (f" ({teacher_info['gguf_file']})" if teacher_info.get("gguf_file") else "")
         + f"; held-out cache `{eval_cache}` ({totals.get('rows', '?')} rows, {totals.get('positions', '?')} target positions, "
-          f"k = {eval_manifest.get('k')}).",
+          f"{describe_targets(eval_manifest)} targets).",
         "",
         table,
         "",
-        "Modes: *cached KD* trained from the top-k cache; *online KD* had the teacher in the loop (full softmax); "
-        "*hard labels* used no teacher (alpha 0). KL is KL(teacher ‖ student) over the teacher's stored top-k ids; "
-        "train tokens/s is the student's training throughput (the teacher row: its dump throughput)."
+        "Modes: *cached KD* trained from the cache; *online KD* had the teacher in the loop (full softmax); "
+        "*hard labels* used no teacher (alpha 0). KL is KL(teacher ‖ student) "
+        + ("over the teacher's stored top-k ids; " if targets_of(eval_manifest)["kind"] == TOP_K else
+           "over the whole vocabulary, estimated without bias from the held-out cache's sampled ids; ")
+        + "train tokens/s is the student's training throughput (the teacher row: its dump throughput)."
         + ("" if teacher_metrics is not None else " The teacher row's KL and agreement are 0 and 1 by definition "
            "(the teacher was not re-evaluated)."),
     ]

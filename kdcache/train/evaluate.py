@@ -2,12 +2,18 @@
 on a held-out cache: agreement with the stored soft targets, and hard-label quality.
 
 Metrics (one dict; the keys of `kdcache evaluate --json`):
-  kl              mean KL(teacher || model) over the stored top-k ids, both renormalised over them (T = 1)
-  top1_agreement  fraction of targets where the model's argmax is the teacher's top-1
+  kl              top-k caches: mean KL(teacher || model) over the stored top-k ids, both renormalised
+                  over them (T = 1). Sampled caches ("sample", "top-k+sample"): an unbiased estimate of
+                  the full-vocabulary KL(teacher || model), Σ_j w_j (log p_j - log q_j) with the cache's
+                  per-id weights (losses.sparse_target_weights at T = 1) and the model's full softmax q.
+  top1_agreement  fraction of targets where the model's argmax is the teacher's top-1. For the
+                  "sample" kind the teacher's argmax is not stored; the drawn id with the highest
+                  teacher log-prob stands in for it (the same id whenever the argmax was drawn).
   accuracy        model accuracy on the targets with a known label (None if none)
   perplexity      exp(mean CE at labelled targets), LM tasks only
   teacher_accuracy, teacher_perplexity   the same for the teacher, from the cache alone
-                  (perplexity only if every label is among the stored top-k)
+                  (perplexity only if every label is among the stored ids; accuracy uses the same
+                  stand-in top-1 as top1_agreement)
 """
 from __future__ import annotations
 
@@ -18,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.collate import move_batch
+from ..cache.schema import targets_of
 from ..cache.stream import CacheStream, open_cache
 from ..errors import KdcacheError
 from .forward import target_hidden
-from .losses import DEFAULT_CHUNK_ELEMENTS
+from .losses import DEFAULT_CHUNK_ELEMENTS, sparse_target_weights
 from .students import auto_class, load_pretrained
 
 
@@ -65,8 +72,9 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         chunk = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
+            counts = batch.get("target_counts")
             _accumulate(s, head(hidden[part]).float(), batch["topk_ids"][part], batch["topk_logprobs"][part],
-                        batch["labels"][part])
+                        batch["labels"][part], None if counts is None else counts[part], batch.get("target_head", 0))
         s["rows"] += batch["num_rows"]
         bar.update(batch["num_rows"])
     bar.close()
@@ -74,6 +82,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     lm = task in ("mlm", "clm")
     return {
         "task": task, "model": str(model_dir), "cache": str(cache_dir), "k": cache.k,
+        "targets": targets_of(cache.manifest)["kind"],
         "rows": int(s["rows"]), "positions": int(n), "labelled_positions": int(labelled),
         "kl": s["kl"] / n if n else None,
         "top1_agreement": s["agree"] / n if n else None,
@@ -85,13 +94,19 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     }
 
 
-def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels) -> None:
-    # Both distributions renormalised over the stored k ids: 0 for the teacher itself, and
-    # comparable across models whatever mass the top-k covers.
+def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0) -> None:
     topk_ids = topk_ids.long()  # batches carry int32 ids
-    log_p = topk_logprobs.float().log_softmax(-1)
-    log_q = logits.gather(1, topk_ids).log_softmax(-1)
-    s["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+    if counts is None:
+        # Both distributions renormalised over the stored k ids: 0 for the teacher itself, and
+        # comparable across models whatever mass the top-k covers.
+        log_p = topk_logprobs.float().log_softmax(-1)
+        log_q = logits.gather(1, topk_ids).log_softmax(-1)
+        s["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+    else:
+        # Sampled targets: the weighted draws estimate E_teacher[log p - log q] over the whole vocabulary.
+        w, log_p = sparse_target_weights(topk_logprobs.float(), counts, head, 1.0)
+        log_q = logits.log_softmax(-1).gather(1, topk_ids)
+        s["kl"] += float((w * (log_p - log_q)).sum())
     s["agree"] += float((logits.argmax(-1) == topk_ids[:, 0]).sum())
     s["targets"] += labels.shape[0]
     known = labels >= 0
@@ -101,7 +116,7 @@ def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels) -> None:
         s["correct"] += float((logits[known].argmax(-1) == y).sum())
         s["ce"] += float(F.cross_entropy(logits[known], y, reduction="sum"))
         s["t_correct"] += float((topk_ids[known][:, 0] == y).sum())
-        hit = topk_ids[known] == y[:, None]
+        hit = (topk_ids[known] == y[:, None]) & (topk_logprobs[known] > float("-inf"))  # padding is -inf
         covered = hit.any(-1)
         s["t_covered"] += float(covered.sum())
-        s["t_ce"] += float(-(topk_logprobs[known].float() * hit).sum())
+        s["t_ce"] += float(-torch.where(hit, topk_logprobs[known].float(), 0.0).sum())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-LABELS = (("kl", "KL(teacher || model) over top-k", "{:.4f}"), ("top1_agreement", "top-1 agreement", "{:.2%}"),
+LABELS = (("kl", "KL(teacher || model)", "{:.4f}"), ("top1_agreement", "top-1 agreement", "{:.2%}"),
           ("accuracy", "accuracy (labelled)", "{:.2%}"), ("perplexity", "perplexity (labelled)", "{:,.2f}"),
           ("teacher_accuracy", "teacher accuracy", "{:.2%}"), ("teacher_perplexity", "teacher perplexity", "{:,.2f}"))
 
@@ -23,8 +23,9 @@ LABELS = (("kl", "KL(teacher || model) over top-k", "{:.4f}"), ("top1_agreement"
 @click.option("--max-rows", type=click.IntRange(min=1), help="Evaluate on the first N rows only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def evaluate_cmd(model_dir, cache_dir, batch_size, device, max_rows, as_json):
-    """Compare a model with the teacher on a held-out cache: KL to the teacher's top-k, top-1
-    agreement, hard-label accuracy and perplexity, and the teacher's own accuracy."""
+    """Compare a model with the teacher on a held-out cache: KL to the teacher (over its top-k; for
+    sampled caches an unbiased estimate of the full KL), top-1 agreement, hard-label accuracy and
+    perplexity, and the teacher's own accuracy."""
     from .evaluate import evaluate
 
     metrics = evaluate(model_dir, cache_dir, batch_size=batch_size, device=device, max_rows=max_rows,
@@ -33,7 +34,8 @@ def evaluate_cmd(model_dir, cache_dir, batch_size, device, max_rows, as_json):
         click.echo(json.dumps(metrics))
         return
     click.echo(f"{metrics['model']} on {metrics['cache']} ({metrics['task']}, {metrics['rows']:,} rows, "
-               f"{metrics['positions']:,} target positions, {metrics['labelled_positions']:,} labelled, k={metrics['k']})")
+               f"{metrics['positions']:,} target positions, {metrics['labelled_positions']:,} labelled, "
+               f"{metrics.get('targets', 'top-k')} targets, k={metrics['k']})")
     for key, title, pattern in LABELS:
         value = metrics.get(key)
         click.echo(f"  {title:<34} {'—' if value is None else pattern.format(value)}")

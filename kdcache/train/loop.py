@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 
 from ..cache.collate import move_batch
-from ..cache.manifest import atomic_write_json
+from ..cache.manifest import atomic_write_json, enclosing_cache
+from ..cache.schema import TOP_K, targets_of
 from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
@@ -109,14 +112,32 @@ def _batches(loader: StreamLoader):
         loader.next_epoch()
 
 
-def _check_out_dir(out: Path, resume: bool) -> dict | None:
-    """Refuse to overwrite a run; returns an existing finished summary when resuming one."""
+def _check_out_dir(out: Path, resume: bool, cache_dir: Path) -> dict | None:
+    """Refuse to overwrite a run, to nest a student and a cache, or to --resume nothing;
+    returns an existing finished summary when resuming one."""
+    inside = enclosing_cache(out)
+    if inside is not None:
+        raise KdcacheError(f"--out {out} is inside the cache {inside}: the student's files would mix with the cache's "
+                           "(and `pandas.read_parquet(CACHE/data)` would break); choose an --out outside the cache")
+    if Path(os.path.abspath(cache_dir)).is_relative_to(os.path.abspath(out)):
+        raise KdcacheError(f"--cache {cache_dir} is inside --out {out}: the student's folder would carry the cache "
+                           "along, and replacing the student would lose it; choose an --out that does not hold the cache")
     summary_path = out / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     ckpt = checkpoint.find_checkpoint(out)
     if not resume and (ckpt is not None or (summary or {}).get("done")):
         what = "a finished student" if (summary or {}).get("done") else f"a checkpoint ({ckpt.name})"
         raise KdcacheError(f"--out {out} already holds {what}; pass --resume to continue it, or choose another --out")
+    if resume and ckpt is None and not any((out / name).is_file() for name in (SUMMARY, METRICS)):
+        # No train-student run was ever started there: most likely a mistyped --out, which must
+        # not silently train from scratch.
+        raise KdcacheError(f"--resume: --out {out} holds no checkpoint and no run to continue; check the --out "
+                           "path, or drop --resume to start a new run there")
+    if resume and ckpt is None and not (summary or {}).get("done"):
+        # A run that stopped before its first checkpoint: continuing it means starting it over.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume: the run in {out} stopped before its first checkpoint; starting it again from step 0",
+                  file=sys.stderr)
     return summary if (summary or {}).get("done") else None
 
 
@@ -155,11 +176,15 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
     out = Path(cfg.out)
     cache = open_cache(cfg.cache)  # checks every shard before anything is written
     task = cache.task
-    finished = _check_out_dir(out, cfg.resume)
+    kind = targets_of(cache.manifest)["kind"]
+    if cfg.tail == "bucket" and kind != TOP_K and cfg.alpha > 0 and not cfg.online_teacher:
+        raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
+                           f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
+    finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished
     plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
-                        teacher=cfg.teacher)
+                        teacher=cfg.teacher, cache_dir=cache.dir)
     if cfg.init_from_teacher and plan.kind == "model":
         raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
                            "directory (drop --init-from-teacher to continue from its weights)")

@@ -7,6 +7,13 @@ is its full log-softmax read at the same ids (plus its own rest mass for the buc
 Hard term: cross-entropy on the labels where known (-1 = unknown).
 Total: alpha * KD + (1 - alpha) * hard.
 
+Sampled targets (cache format v2, kinds "sample" and "top-k+sample"; see `sparse_target_weights`):
+each stored id carries a weight such that Σ_j w_j f(id_j) is an unbiased estimate of E_teacher[f]
+at T = 1, so the expected gradient equals full-vocabulary KD's. The reported KD term is then an
+unbiased estimate of the full KL(teacher || student), not a KL over the stored ids.
+T != 1: self-normalised importance weights, w ∝ count · p^(1/T - 1) (head ids: p^(1/T) exactly);
+consistent, with a bias of order 1/N that vanishes at T = 1. `tail="bucket"` is for top-k targets only.
+
 The output layer runs per chunk of targets under activation checkpointing, so at most one
 chunk's (targets x vocab) logits exist at a time, in the forward and in the backward pass.
 """
@@ -58,6 +65,44 @@ def online_kd_per_target(log_q: torch.Tensor, teacher_logits: torch.Tensor, temp
     """KD loss per target (× T²) against a live teacher's full softmax; log_q as above."""
     log_p = (teacher_logits.to(log_q.dtype) / temperature).log_softmax(-1)
     return _kl(log_p, log_q) * temperature ** 2
+
+
+def sparse_target_weights(logprobs: torch.Tensor, counts: torch.Tensor | None, head: int,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-id target weights and the log-probs to measure the KL with, from a batch's soft targets.
+
+    logprobs (N, W): the teacher's log-softmax at T = 1 at each stored id (padding: -inf).
+    counts (N, W) or None: draws per id (sampled kinds; 0 for the `head` leading top-k columns and
+    padding), None for top-k targets.
+    Returns (w, log_p): w sums to 1 per target (0 on padding); log_p is log w for top-k targets and
+    the (estimated) teacher log-prob at T for sampled ones (0 on padding, where w = 0).
+
+      top-k:         w = softmax(logprobs / T)                                  (renormalised top-k)
+      sample:        w_j ∝ count_j · p_j^(1/T - 1)                               (T = 1: count_j / N)
+      top-k+sample:  head w_i ∝ p_i^(1/T); drawn w_j ∝ (1 - Σ_head p) · count_j/N · p_j^(1/T - 1)
+                     (T = 1: the head's exact p_i and tail mass × count_j / N)
+    """
+    lp = logprobs.float() if logprobs.dtype != torch.float64 else logprobs
+    valid = lp > float("-inf")
+    if counts is None:
+        log_w = (lp / temperature).log_softmax(-1)
+        w = log_w.exp()
+        return w, torch.where(w > 0, log_w, torch.zeros_like(log_w))  # 0 · log 0 = 0
+    counts = counts.to(lp.dtype)
+    draws = counts.sum(-1, keepdim=True).clamp(min=1)
+    inv = 1.0 / temperature
+    if head > 0:
+        # fp16 rounding may push the head's mass a hair past 1: then the tail simply gets none.
+        tail = (1 - lp[:, :head].exp().sum(-1, keepdim=True)).clamp(min=0)
+    else:
+        tail = torch.ones_like(draws)
+    drawn = tail.log() + (counts / draws).log() + lp * (inv - 1)
+    is_head = torch.arange(lp.shape[1], device=lp.device) < head
+    log_u = torch.where(is_head, lp * inv, drawn).masked_fill(~valid, float("-inf"))
+    log_z = log_u.logsumexp(-1, keepdim=True)  # = 0 at T = 1 (up to fp16 rounding of the head)
+    w = (log_u - log_z).exp()
+    log_p = torch.where(valid, lp * inv - log_z, torch.zeros_like(lp))
+    return w, log_p
 
 
 class _SparseTargetCE(torch.autograd.Function):
@@ -131,7 +176,7 @@ class DistillLoss:
     def uses_soft_targets(self) -> bool:
         return self.alpha > 0
 
-    def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits):
+    def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits, counts=None, target_head=0):
         logits = _at_least_fp32(head(hidden))
         known = (labels >= 0).unsqueeze(-1)
         labels_at = labels.clamp(min=0).unsqueeze(-1)
@@ -139,10 +184,8 @@ class DistillLoss:
             if not self.uses_soft_targets:
                 _, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known.to(logits.dtype), 1.0)
                 return torch.stack([hard.new_zeros(()), hard])
-            log_p = (topk_logprobs.to(logits.dtype) / self.temperature).log_softmax(-1)
-            p = log_p.exp()
-            safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))  # 0 · log 0 = 0
-            kd, hard = _SparseTargetCE.apply(logits, topk_ids, p, safe_log_p, labels_at, known.to(logits.dtype),
+            p, log_p = sparse_target_weights(topk_logprobs.to(logits.dtype), counts, target_head, self.temperature)
+            kd, hard = _SparseTargetCE.apply(logits, topk_ids, p, log_p, labels_at, known.to(logits.dtype),
                                              float(self.temperature))
             return torch.stack([kd, hard])
         # Online KD (dense teacher) and the rest bucket: plain autograd.
@@ -166,12 +209,16 @@ class DistillLoss:
         if topk_ids is not None:
             topk_ids = topk_ids.long()  # batches carry int32 ids; gather/scatter index with int64
         topk_logprobs = batch.get("topk_logprobs") if teacher_logits is None else None
+        counts = batch.get("target_counts") if teacher_logits is None else None
+        target_head = int(batch.get("target_head", 0))
         if self.uses_soft_targets and teacher_logits is None and topk_ids is None:
             raise ValueError("alpha > 0 needs the cached soft targets (stream with soft_targets=True) or teacher_logits")
+        if self.uses_soft_targets and counts is not None and self.tail == "bucket":
+            raise ValueError("tail='bucket' is for top-k targets; sampled targets already estimate the tail")
         vocab = _out_features(head, hidden)
         chunk = max(1, self.chunk_elements // max(vocab, 1))
         if n <= chunk:
-            sums = self._chunk_sums(hidden, head, labels, topk_ids, topk_logprobs, teacher_logits)
+            sums = self._chunk_sums(hidden, head, labels, topk_ids, topk_logprobs, teacher_logits, counts, target_head)
         else:
             sums = hidden.new_zeros(2, dtype=torch.promote_types(hidden.dtype, torch.float32))
             for start in range(0, n, chunk):
@@ -179,7 +226,8 @@ class DistillLoss:
                 args = (hidden[part], head, labels[part],
                         None if topk_ids is None else topk_ids[part],
                         None if topk_logprobs is None else topk_logprobs[part],
-                        None if teacher_logits is None else teacher_logits[part])
+                        None if teacher_logits is None else teacher_logits[part],
+                        None if counts is None else counts[part], target_head)
                 # Recompute this chunk's logits in the backward pass instead of keeping them.
                 sums = sums + checkpoint(self._chunk_sums, *args, use_reentrant=False)
         num_labelled = int((labels >= 0).sum())

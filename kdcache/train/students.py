@@ -78,10 +78,35 @@ def teacher_source(manifest: dict, override: str | Path | None) -> tuple[str | N
     return split_gguf(source, teacher.get("gguf_file")) if source else (None, None)
 
 
-def teacher_config(manifest: dict, override=None):
-    """The teacher's config (from its directory if reachable), else a default config of its family."""
+def stored_teacher_config(manifest: dict, cache_dir: Path):
+    """The teacher's config saved inside the cache at dump time; None for caches made before."""
     from transformers import AutoConfig
 
+    from ..cache.manifest import resolve_inside
+    from ..cache.storage import local_file
+
+    stored = manifest.get("teacher_config")
+    if not stored:
+        return None
+    try:
+        # From a bucket: copied to local disk first (transformers reads files).
+        return AutoConfig.from_pretrained(local_file(resolve_inside(cache_dir, stored, "teacher_config")))
+    except Exception as e:  # noqa: BLE001 - missing or unreadable: the cache is damaged
+        raise KdcacheError(f"cache {cache_dir}: the teacher config it lists ({stored}) is missing or unreadable "
+                           f"({type(e).__name__}); restore it from the teacher's config.json or re-create the cache "
+                           "with `kdcache dump-logits`") from None
+
+
+def teacher_config(manifest: dict, override=None, cache_dir: Path | None = None):
+    """The teacher's config: --teacher if given, else the copy inside the cache (so the same cache
+    gives the same student anywhere), else the teacher's directory if reachable (caches made
+    before the copy existed), else a default config of its family."""
+    from transformers import AutoConfig
+
+    if override is None and cache_dir is not None:
+        stored = stored_teacher_config(manifest, cache_dir)
+        if stored is not None:
+            return stored
     source, gguf = teacher_source(manifest, override)
     if source is not None:
         try:
@@ -148,7 +173,7 @@ def _tokenizer_vocab_check(model_dir: Path, cache_tokenizer_dir: Path) -> None:
 
 
 def plan_student(spec: str, manifest: dict, *, cache_tokenizer_dir: Path, sizes: Sizes | None = None,
-                 teacher=None) -> StudentPlan:
+                 teacher=None, cache_dir: Path | None = None) -> StudentPlan:
     """Resolve --student SPEC (+ size overrides) against the cache."""
     from transformers import AutoConfig
 
@@ -177,7 +202,7 @@ def plan_student(spec: str, manifest: dict, *, cache_tokenizer_dir: Path, sizes:
         plan = StudentPlan(spec, "config", config)
     elif (match := _PRESET_RE.match(spec)) and spec.upper() in PRESETS:
         layers, hidden = int(match.group(1)), int(match.group(2))
-        config = teacher_config(manifest, teacher)
+        config = teacher_config(manifest, teacher, cache_dir)
         base = Sizes(layers, hidden, max(1, hidden // 64), 4 * hidden)
         # Overrides win; a --hidden override re-derives the heads/width the preset would give.
         if sizes.hidden is not None:
