@@ -256,6 +256,9 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
                 torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
         # The position is the same on every rank; under another geometry the stream
         # re-partitions the epoch's unread rows (or refuses, saying why).
+        if "stream" not in trainer_state:
+            raise KdcacheError(f"cannot resume {out}: its checkpoint was made by an older kdcache whose stream position "
+                               "this one cannot read; resume with that kdcache, or start the run again in another --out")
         loader.load_state_dict(trainer_state["stream"])
 
     if dist.is_main:
