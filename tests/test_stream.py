@@ -32,13 +32,13 @@ def test_every_row_once_across_ranks_and_workers(cache):
     per_rank = [epoch_ids(cache, rank=r, world=2, workers=2) for r in range(2)]
     ids = flat(per_rank[0]) + flat(per_rank[1])
     assert sorted(ids) == list(range(1000, 1301))
-    # Ranks get the same number of rows (±workers), and batches are full except each worker's last.
-    assert abs(len(flat(per_rank[0])) - len(flat(per_rank[1]))) <= 2
+    # Ranks get the same number of rows (±1) and of batches, full ones except the last.
+    assert abs(len(flat(per_rank[0])) - len(flat(per_rank[1]))) <= 1
     for batches in per_rank:
-        assert sum(len(b) < 8 for b in batches) <= 2
-    # The stream's own arithmetic agrees with what was delivered.
+        assert sum(len(b) < 8 for b in batches) <= 1 and min(map(len, batches)) >= 1
+    # The stream's own arithmetic agrees with what was delivered: ceil(301 / 16) steps on each rank.
     stream = CacheStream(cache, batch_size=8, world_size=2, num_workers=2)
-    assert [stream.batches_per_epoch(r) for r in range(2)] == [len(b) for b in per_rank]
+    assert stream.batches_per_epoch() == len(per_rank[0]) == len(per_rank[1]) == 19
 
 
 def test_same_seed_same_order_other_epoch_or_seed_differs(cache):
@@ -68,18 +68,75 @@ def test_mid_epoch_restore_continues_at_next_sample(cache, workers):
             if len(seen) == cut:
                 break
         state = first.state_dict()
-        assert state["epoch"] == 2 and state["samples"] == sum(map(len, seen))
+        assert state["epoch"] == 2 and state["batches"] == cut
         resumed = StreamLoader(CacheStream(cache, batch_size=8, seed=3, world_size=2, rank=1, num_workers=workers))
         resumed.load_state_dict(state)
         rest = [b["example_id"].tolist() for b in resumed]
         assert seen + rest == all_batches
 
 
-def test_restore_refuses_a_different_setup(cache):
+def test_restore_refuses_a_different_order_or_global_batch(cache):
     state = StreamLoader(CacheStream(cache, batch_size=8, num_workers=2)).state_dict()
-    other = StreamLoader(CacheStream(cache, batch_size=4, num_workers=2))
-    with pytest.raises(KdcacheError, match="batch size"):
-        other.load_state_dict(state)
+    with pytest.raises(KdcacheError, match="global batch"):
+        StreamLoader(CacheStream(cache, batch_size=4, num_workers=2)).load_state_dict(state)
+    with pytest.raises(KdcacheError, match="seed"):
+        StreamLoader(CacheStream(cache, batch_size=8, num_workers=2, seed=1)).load_state_dict(state)
+    with pytest.raises(KdcacheError, match="shuffle buffer"):
+        StreamLoader(CacheStream(cache, batch_size=8, num_workers=2, shuffle_buffer=7)).load_state_dict(state)
+
+
+def loaders(cache, *, world, workers, batch_size, grad_accum=1, seed=4):
+    return [StreamLoader(CacheStream(cache, batch_size=batch_size, grad_accum=grad_accum, seed=seed, rank=r,
+                                     world_size=world, num_workers=workers, shuffle_buffer=40)) for r in range(world)]
+
+
+def read_steps(group, steps, grad_accum):
+    """Every rank takes `steps` x grad_accum micro-batches (in lockstep, as training does); the example ids."""
+    ids = []
+    for loader in group:
+        taken = 0
+        for batch in loader if steps else ():
+            assert 1 <= batch["num_rows"] <= loader.stream.batch_size
+            ids += batch["example_id"].tolist()
+            taken += 1
+            if taken == steps * grad_accum:
+                break
+        assert taken == steps * grad_accum
+    states = [loader.state_dict() for loader in group]
+    assert all(state == states[0] for state in states)  # the position is the same on every rank
+    return ids, states[0]
+
+
+def test_resized_resume_reads_every_row_once(cache):
+    # 2 ranks x 2 workers (micro-batch 8) -> 1 rank x 3 workers (8 x 2 accumulation) -> back to 2 x 2
+    # (4 x 2 accumulation): 16 rows per step throughout, real DataLoader worker processes.
+    first = loaders(cache, world=2, workers=2, batch_size=8)
+    steps = first[0].stream.steps_per_epoch()
+    ids, state = read_steps(first, 5, 1)
+    middle = loaders(cache, world=1, workers=3, batch_size=8, grad_accum=2)
+    middle[0].load_state_dict(state)
+    more, state = read_steps(middle, 6, 2)
+    last = loaders(cache, world=2, workers=2, batch_size=4, grad_accum=2)
+    for loader in last:
+        loader.load_state_dict(state)
+    rest = [i for loader in last for b in loader for i in b["example_id"].tolist()]
+    assert sorted(ids + more + rest) == list(range(1000, 1301))
+    assert len(rest) == 301 - 11 * 16 and all(lo.batches == (steps - 11) * 2 for lo in last)
+    # The next epoch starts whole under the new geometry, in the epoch's own order.
+    for loader in last:
+        loader.next_epoch()
+    again = [i for loader in last for b in loader for i in b["example_id"].tolist()]
+    assert sorted(again) == list(range(1000, 1301))
+
+
+def test_same_geometry_resume_repeats_the_uninterrupted_order(cache):
+    straight, _ = read_steps(loaders(cache, world=1, workers=3, batch_size=8, grad_accum=2), 10, 2)
+    group = loaders(cache, world=1, workers=3, batch_size=8, grad_accum=2)
+    head, state = read_steps(group, 4, 2)
+    group = loaders(cache, world=1, workers=3, batch_size=8, grad_accum=2)
+    group[0].load_state_dict(state)
+    tail, _ = read_steps(group, 6, 2)
+    assert head + tail == straight
 
 
 def test_collated_batch_matches_the_rows(cache):

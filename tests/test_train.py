@@ -184,9 +184,9 @@ def test_torchrun_two_processes_on_cpu(mlm, tmp_path):
     result = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    # --epochs 1 became the step count of the rank with the fewest batches, the same on both ranks.
+    # --epochs 1 became ceil(rows / (2 processes x 16)) steps, the same on both ranks.
     from kdcache.cache.stream import CacheStream
-    expected = CacheStream(mlm["train"], batch_size=16, world_size=2, num_workers=1).min_batches_per_epoch()
+    expected = CacheStream(mlm["train"], batch_size=16, world_size=2, num_workers=1).steps_per_epoch()
     assert summary["done"] and summary["world_size"] == 2 and summary["steps"] == expected > 3
     from transformers import AutoModelForMaskedLM
     assert AutoModelForMaskedLM.from_pretrained(out).config.vocab_size == 400

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 
 @click.command("inspect", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=click.Path())  # a folder or an s3:// (gs://, hdfs://) URI
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
 def inspect_cmd(cache, as_json):
     """Summarise CACHE: task, teacher, rows, positions, target kind, k, samples, size, bytes per
@@ -30,7 +29,7 @@ def inspect_cmd(cache, as_json):
 
 
 @click.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=click.Path())  # a folder or an s3:// (gs://, hdfs://) URI
 def verify_cmd(cache):
     """Check every shard of CACHE: checksum, row count, schema, ids < vocab, log-probs finite,
     <= 0 and sorted; sampled targets: draw counts sum to N per position, ids distinct per position.

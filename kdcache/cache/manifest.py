@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import KdcacheError
 from .schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS
+from .storage import location
 
 # Manifest keys that define *what* a cache holds. A re-run whose identity differs in any of
 # them would mix two caches in one directory, so it is refused (unless --overwrite).
@@ -34,7 +35,7 @@ def resolve_inside(cache_dir: Path, relpath, what: str) -> Path:
         raise KdcacheError(f"cache {cache_dir}: manifest {what} {relpath!r} points outside the cache; every path in "
                            "manifest.json must be relative and inside the cache: refusing it (re-create the cache "
                            "with `kdcache dump-logits`, or fix the manifest)")
-    return Path(cache_dir) / normal
+    return location(cache_dir) / normal  # a local Path, or an ObjectPath in a bucket
 
 
 # Errors of a full disk (or quota): the dump can resume once space is freed.
@@ -81,7 +82,7 @@ def write_cache_json(path: Path, obj: dict, what: str = "the manifest") -> None:
 
 
 def manifest_path(cache_dir: Path) -> Path:
-    return Path(cache_dir) / MANIFEST_NAME
+    return location(cache_dir) / MANIFEST_NAME
 
 
 def enclosing_cache(path: Path) -> Path | None:
@@ -99,7 +100,7 @@ def enclosing_cache(path: Path) -> Path | None:
 
 def read_manifest(cache_dir: Path) -> dict:
     """Load and sanity-check a cache's manifest, with one-line errors for the usual mistakes."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)  # a local folder or an object-store prefix (cache/storage.py)
     path = manifest_path(cache_dir)
     if not cache_dir.exists():
         raise KdcacheError(f"cache directory {cache_dir} does not exist; create it with `kdcache dump-logits`")

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from ..errors import KdcacheError
 from .manifest import atomic_write_json, resolve_inside, writing
+from .storage import open_stream, parquet_file
 from .schema import (
     DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, POSITIONS,
     SHARD_DIR, SHARD_PATTERN, shard_name, shard_stats_name,
@@ -23,7 +24,7 @@ READ_ERRORS = (OSError, pa.ArrowException, ValueError)
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_stream(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -72,7 +73,7 @@ def write_shard(cache_dir: Path, index: int, table: pa.Table,
 def open_shard(path: Path) -> pq.ParquetFile:
     """A shard for reading, with every page's CRC checked as it is decoded (shards written
     before kdcache stored page CRCs have none, and read as before)."""
-    return pq.ParquetFile(path, page_checksum_verification=True)
+    return parquet_file(path, page_checksum_verification=True)  # local, or ranged reads from a bucket
 
 
 def corrupt_shard_error(cache_dir: Path, entry: dict, cause: BaseException | str) -> KdcacheError:

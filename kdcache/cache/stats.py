@@ -8,6 +8,7 @@ import numpy as np
 from . import schema as S
 from .manifest import read_manifest, resolve_inside
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
+from .storage import location
 
 
 def _row_groups(cache_dir: Path, entry: dict, path: Path, columns: list[str]):
@@ -34,7 +35,7 @@ def cache_stats(cache_dir: Path) -> dict:
     head (`mean_topk_mass`) and outside it (`mean_tail_mass`), and mass of all stored ids together
     (`mean_stored_mass`). The teacher's top-1 is its first stored id (for `sample` caches, the most
     probable id drawn)."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest(cache_dir)
     targets = S.targets_of(manifest)
     kind, k = targets["kind"], targets["k"]

@@ -3,21 +3,20 @@
 Design (after mosaicml/streaming, applied to soft targets):
 - The unit of I/O is a Parquet row group; memory holds a few row groups plus one shuffle
   window of rows, whatever the cache size.
-- Epoch e orders the row groups by a permutation drawn from (seed, e). That order defines a
-  virtual sequence of all rows, split into world_size * num_workers contiguous, equal-sized
-  blocks (±1 row): block r * num_workers + w belongs to worker w of rank r. So every row is read
-  by exactly one of them per epoch and every rank gets the same number of rows (±num_workers).
-- Each block is cut into windows of `shuffle_buffer` rows; the rows of a window are emitted in
-  a permutation drawn from (seed, e, block, window): the second level of the shuffle.
-- A worker emits batches of `batch_size` consecutive rows of its sequence (the last may be
-  short). DataLoader returns worker batches round-robin, so a rank's batch order is fixed.
-- The position is (seed, epoch, samples consumed by this rank): from it each worker computes how
-  many of its rows were already consumed and skips them without decoding, continuing at
-  exactly the next sample.
+- Which rows a reader reads, and in which order, is pure arithmetic in kdcache.cache.partition:
+  an epoch's row order is one sequence (row groups permuted by (seed, epoch), then rows permuted
+  within windows of `shuffle_buffer` rows) that does not depend on the number of readers; each
+  loader worker of each rank reads one contiguous part of it, so a window is decoded by about one
+  reader, and every row is read by exactly one reader per epoch.
+- Every rank reads the same number of micro-batches per epoch (steps x grad_accum), none empty;
+  DataLoader returns worker batches round-robin, so a rank's batch order is fixed.
+- The position is (epoch, stage, micro-batches consumed): each worker computes how many of its
+  rows were already consumed and skips them without decoding. Under another geometry the
+  epoch's unread rows are re-partitioned (elastic resume).
 """
 from __future__ import annotations
 
-import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import KdcacheError
 from .collate import DecodedRows, collate
 from .manifest import read_manifest, resolve_inside
+from .partition import Geometry, Stage, group_order, window_order
+from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns, targets_of,
 )
@@ -38,6 +39,8 @@ from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 DEFAULT_SHUFFLE_BUFFER = 2048
 # Shard files a stream keeps open at once: re-opening one costs only a footer read.
 OPEN_SHARDS = 1
+# From a bucket, fetch the next shuffle window while decoding this one (see CacheStream.read_spans).
+BUCKET_READ_AHEAD = True
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,9 @@ class RowGroup:
 class OpenCache:
     """A cache whose manifest and shard list were checked: every listed shard is there, with
     the size the manifest records, a readable Parquet footer, the row count and the schema."""
-    dir: Path
+    dir: Path | ObjectPath
     manifest: dict
-    shard_paths: list[Path]
+    shard_paths: list[Path | ObjectPath]
     row_groups: list[RowGroup]
 
     @property
@@ -75,7 +78,9 @@ class OpenCache:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return resolve_inside(self.dir, (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
+        # On local disk: the Hugging Face loaders read folders (copied once from a bucket).
+        return local_dir(resolve_inside(self.dir, (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"),
+                                        "tokenizer.dir"))
 
     @property
     def has_token_type_ids(self) -> bool:
@@ -84,7 +89,7 @@ class OpenCache:
 
 def open_cache(cache_dir: str | Path) -> OpenCache:
     """Check a cache before training on it; every problem is a one-line KdcacheError."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)
     manifest = read_manifest(cache_dir)
     shards = sorted(manifest.get("shards") or [], key=lambda s: s["index"])
     if not manifest.get("complete", False):
@@ -106,7 +111,7 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
             raise KdcacheError(f"shard {shard['file']} of cache {cache_dir} is corrupt: {size} bytes on disk, "
                                f"the manifest says {shard['bytes']}; {fix}")
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = parquet_file(path).metadata
             schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for a damaged file
             # Its sidecar still says "complete", so only deleting both makes the dump rewrite it.
@@ -124,20 +129,6 @@ def open_cache(cache_dir: str | Path) -> OpenCache:
     return OpenCache(cache_dir, manifest, paths, groups)
 
 
-def block_bounds(total: int, parts: int, part: int) -> tuple[int, int]:
-    """[start, end) of block `part` when `total` items are split into `parts` contiguous blocks."""
-    return total * part // parts, total * (part + 1) // parts
-
-
-def round_robin(batch_counts: list[int]):
-    """(worker, batch index) in the order DataLoader hands out worker batches: round-robin,
-    skipping workers that are exhausted."""
-    for t in range(max(batch_counts, default=0)):
-        for w, count in enumerate(batch_counts):
-            if t < count:
-                yield w, t
-
-
 class CacheStream(IterableDataset):
     """Batches of sparse targets from a cache, for one rank; see the module docstring.
 
@@ -147,7 +138,8 @@ class CacheStream(IterableDataset):
 
     def __init__(self, cache: OpenCache | str | Path, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, soft_targets: bool = True):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, soft_targets: bool = True,
+                 grad_accum: int = 1):
         self.cache = cache if isinstance(cache, OpenCache) else open_cache(cache)
         if batch_size < 1:
             raise KdcacheError(f"batch size must be >= 1, got {batch_size}")
@@ -155,7 +147,8 @@ class CacheStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.soft_targets = soft_targets
-        self.epoch, self.start_sample = 0, 0
+        self.grad_accum = grad_accum
+        self.epoch, self.stage, self.batches_done = 0, self.first_stage(), 0
         self._files: dict[int, pq.ParquetFile] = {}
         self._last_group: tuple[int, pa.Table] | None = None
 
@@ -164,47 +157,27 @@ class CacheStream(IterableDataset):
     def workers(self) -> int:
         return max(1, self.num_workers)
 
-    def set_position(self, epoch: int, samples_consumed: int = 0) -> None:
-        """Where the next iteration starts: `samples_consumed` rows into epoch `epoch` (this rank)."""
-        self.epoch, self.start_sample = int(epoch), int(samples_consumed)
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.world_size, self.workers, self.batch_size, self.grad_accum)
 
-    def worker_rows(self, rank: int | None = None) -> list[int]:
-        """Rows each worker of `rank` reads per epoch (the same every epoch)."""
-        rank = self.rank if rank is None else rank
-        parts = self.world_size * self.workers
-        sizes = []
-        for w in range(self.workers):
-            start, end = block_bounds(self.cache.num_rows, parts, rank * self.workers + w)
-            sizes.append(end - start)
-        return sizes
+    def first_stage(self) -> Stage:
+        """A whole epoch, spread over this stream's geometry."""
+        return Stage.first(self.cache.num_rows, self.geometry)
 
-    def batches_per_epoch(self, rank: int | None = None) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in self.worker_rows(rank))
+    def set_position(self, epoch: int, stage: Stage | None = None, batches: int = 0) -> None:
+        """Where the next iteration starts: `batches` micro-batches (of every rank) into `stage` of
+        epoch `epoch` (a whole epoch when `stage` is None)."""
+        self.epoch, self.stage, self.batches_done = int(epoch), stage or self.first_stage(), int(batches)
+        if self.stage.geometry != self.geometry:
+            raise ValueError("a stage is read with the geometry it was made for")
 
-    def min_batches_per_epoch(self) -> int:
-        """Batches per epoch of the rank with the fewest; the same number on every rank."""
-        return min(self.batches_per_epoch(r) for r in range(self.world_size))
+    def steps_per_epoch(self) -> int:
+        return self.first_stage().steps
 
-    def worker_skips(self, samples_consumed: int) -> tuple[list[int], int]:
-        """After this rank consumed `samples_consumed` rows of the epoch: how many rows of its
-        sequence each worker has already delivered, and which worker's batch comes next."""
-        rows = self.worker_rows()
-        counts = [math.ceil(n / self.batch_size) for n in rows]
-        skips, remaining, next_worker = [0] * self.workers, samples_consumed, 0
-        for w, t in round_robin(counts):
-            if remaining <= 0:
-                next_worker = w
-                break
-            size = min(self.batch_size, rows[w] - t * self.batch_size)
-            if size > remaining:
-                raise KdcacheError(f"stream position {samples_consumed} is not at a batch boundary for batch size "
-                                   f"{self.batch_size}; resume with the batch size the checkpoint was made with")
-            skips[w] += size
-            remaining -= size
-        if remaining > 0:
-            raise KdcacheError(f"stream position {samples_consumed} is beyond the end of epoch {self.epoch} "
-                               f"({sum(rows)} rows on this rank); the checkpoint does not belong to this cache/setup")
-        return skips, next_worker
+    def batches_per_epoch(self) -> int:
+        """Micro-batches each rank reads per epoch: the same on every rank."""
+        return self.first_stage().micro_batches
 
     # -- reading ------------------------------------------------------------------------------
     def _columns(self) -> list[str]:
@@ -237,10 +210,82 @@ class CacheStream(IterableDataset):
         return table
 
     def group_order(self, epoch: int) -> np.ndarray:
-        n = len(self.cache.row_groups)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return group_order(len(self.cache.row_groups), self.seed, epoch, self.shuffle)
+
+    def read_spans(self, epoch: int, spans):
+        """Rows of epoch `epoch`'s sequence (see kdcache.cache.partition), span by span, as
+        (decoded window, row indices into it) pairs; a window is decoded once while it is in use.
+
+        From a bucket, the next window's row groups are fetched while this one is consumed (one
+        window ahead, in one background thread: reads stay sequential, memory stays bounded)."""
+        order = self.group_order(epoch)
+        sizes = np.array([self.cache.row_groups[i].rows for i in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        total, width = self.cache.num_rows, self.shuffle_buffer
+        visits = [(window, lo, hi) for lo, hi in spans for window in range(lo // width, (hi - 1) // width + 1)]
+        windows = [w for i, (w, _, _) in enumerate(visits) if i == 0 or visits[i - 1][0] != w]
+
+        def fetch(k: int) -> pa.Table:
+            w_lo = windows[k] * width
+            return self._window_rows(epoch, order, starts, w_lo, min(w_lo + width, total))
+
+        remote = isinstance(self.cache.dir, ObjectPath)
+        ahead = ThreadPoolExecutor(1) if BUCKET_READ_AHEAD and remote and len(windows) > 1 else None
+        queued: dict[int, Future] = {}
+        current, k = None, -1  # (window index, decoded rows, their order); position in `windows`
+        try:
+            for window, lo, hi in visits:
+                w_lo = window * width
+                w_hi = min(w_lo + width, total)
+                if current is None or current[0] != window:
+                    current, k = None, k + 1  # drop the previous window before decoding the next
+                    if ahead is None:
+                        table = fetch(k)
+                    else:
+                        future = queued.pop(k, None) or ahead.submit(fetch, k)
+                        if k + 1 < len(windows):
+                            queued[k + 1] = ahead.submit(fetch, k + 1)
+                        table = future.result()
+                    decoded = DecodedRows(table, soft_targets=self.soft_targets)
+                    del table  # the decoded copy is all that is needed now; don't hold both
+                    current = (window, decoded, window_order(w_hi - w_lo, self.seed, epoch, window, self.shuffle))
+                yield current[1], current[2][max(lo, w_lo) - w_lo:min(hi, w_hi) - w_lo]
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=True, cancel_futures=True)
+
+    def worker_sequence(self, worker: int, skip: int = 0):
+        """This rank's worker `worker`: its rows of the current stage, in order, after the first
+        `skip`, as (decoded window, row indices into it) pairs."""
+        return self.read_spans(self.epoch, self.stage.worker_spans(self.rank, worker, skip))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"CacheStream was built for {self.workers} workers but runs in {workers}; "
+                               "pass the DataLoader's num_workers to CacheStream")
+        self._files, self._last_group = {}, None  # never share file handles across processes
+        done = self.batches_done
+        # A fresh DataLoader asks its worker 0 first; rotating the roles makes that the worker
+        # whose micro-batch comes next, so a restored stream continues the same round-robin.
+        worker = (worker + done) % workers
+        plan = self.stage.rank_batches(self.rank)
+        skip = plan.total(done, worker, workers)
+        first = done + (worker - done) % workers  # this worker's first micro-batch still to read
+        sizes = (plan.size(j) for j in range(first, plan.count, workers))
+        want = next(sizes, 0)
+        pending, pending_rows = [], 0
+        for decoded, rows in self.worker_sequence(worker, skip):
+            offset = 0
+            while offset < len(rows):
+                take = min(want - pending_rows, len(rows) - offset)
+                pending.append((decoded, rows[offset:offset + take]))
+                pending_rows += take
+                offset += take
+                if pending_rows == want:
+                    yield collate(pending, pad_id=self.cache.pad_id)
+                    pending, pending_rows, want = [], 0, next(sizes, 0)
 
     def _window_rows(self, epoch: int, order: np.ndarray, starts: np.ndarray, lo: int, hi: int) -> pa.Table:
         """Rows [lo, hi) of the epoch's virtual row sequence, as one table (chunked)."""
@@ -255,57 +300,6 @@ class CacheStream(IterableDataset):
             pieces.append(table.slice(a, b - a))
         return pa.concat_tables(pieces)
 
-    def worker_sequence(self, worker: int, skip: int = 0):
-        """This rank's worker `worker`: its rows for the current epoch, in order, starting after
-        the first `skip` rows, as (decoded window, row indices into it) pairs."""
-        epoch = self.epoch
-        order = self.group_order(epoch)
-        sizes = np.array([self.cache.row_groups[i].rows for i in order], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        block = self.rank * self.workers + worker
-        lo, hi = block_bounds(self.cache.num_rows, self.world_size * self.workers, block)
-        for window, w_lo in enumerate(range(lo, hi, self.shuffle_buffer)):
-            w_hi = min(w_lo + self.shuffle_buffer, hi)
-            if skip >= w_hi - w_lo:  # whole window already consumed: not even read
-                skip -= w_hi - w_lo
-                continue
-            table = self._window_rows(epoch, order, starts, w_lo, w_hi)
-            # Decoded once per window; the shuffle is then only an order of row indices.
-            decoded = DecodedRows(table, soft_targets=self.soft_targets)
-            del table  # the decoded copy is all that is needed now; don't hold both while yielding
-            if self.shuffle:
-                rows = np.random.default_rng([self.seed, epoch, block, window]).permutation(decoded.num_rows)
-            else:
-                rows = np.arange(decoded.num_rows)
-            yield decoded, rows[skip:]
-            skip = 0
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if workers != self.workers:
-            raise RuntimeError(f"CacheStream was built for {self.workers} workers but runs in {workers}; "
-                               "pass the DataLoader's num_workers to CacheStream")
-        self._files, self._last_group = {}, None  # never share file handles across processes
-        skips, next_worker = self.worker_skips(self.start_sample)
-        # A fresh DataLoader asks its worker 0 first; rotating the roles makes that the worker
-        # whose batch comes next, so a restored stream continues the same round-robin.
-        worker = (worker + next_worker) % workers
-        skip = skips[worker]
-        pending, pending_rows = [], 0
-        for decoded, rows in self.worker_sequence(worker, skip):
-            offset = 0
-            while offset < len(rows):
-                take = min(self.batch_size - pending_rows, len(rows) - offset)
-                pending.append((decoded, rows[offset:offset + take]))
-                pending_rows += take
-                offset += take
-                if pending_rows == self.batch_size:
-                    yield collate(pending, pad_id=self.cache.pad_id)
-                    pending, pending_rows = [], 0
-        if pending_rows:
-            yield collate(pending, pad_id=self.cache.pad_id)
-
 
 def worker_message(error: KdcacheError) -> str:
     """The one-line message of a KdcacheError raised in a DataLoader worker: torch re-raises it
@@ -318,20 +312,22 @@ def worker_message(error: KdcacheError) -> str:
 
 
 class StreamLoader:
-    """A DataLoader over a CacheStream that knows its position (seed, epoch, samples consumed).
+    """A DataLoader over a CacheStream that knows its position: (epoch, stage, micro-batches
+    consumed), the same on every rank (see kdcache.cache.partition).
 
     Iterating yields the rest of the current epoch; `next_epoch()` moves on. The position is
-    updated as each batch is handed out, so a checkpoint taken after processing a batch
-    resumes at the sample after it.
+    updated as each batch is handed out, so a checkpoint taken after processing a batch resumes
+    at the micro-batch after it; `load_state_dict` under another geometry (processes, workers,
+    micro-batch size with the same global batch) re-partitions the epoch's unread rows.
     """
 
     def __init__(self, stream: CacheStream, *, pin_memory: bool = False, prefetch_factor: int = 4):
         self.stream = stream
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.epoch, self.samples, self.batches = 0, 0, 0
+        self.epoch, self.stage, self.batches = 0, stream.first_stage(), 0
 
     def __iter__(self):
-        self.stream.set_position(self.epoch, self.samples)
+        self.stream.set_position(self.epoch, self.stage, self.batches)
         extra = {"prefetch_factor": self.prefetch_factor} if self.stream.num_workers > 0 else {}
         # A private generator: creating the loader must not draw from the global torch RNG,
         # or resuming would shift dropout masks relative to an uninterrupted run.
@@ -339,25 +335,27 @@ class StreamLoader:
                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0), **extra)
         try:
             for batch in loader:
-                self.samples += batch["num_rows"]
                 self.batches += 1
                 yield batch
         except KdcacheError as e:
             raise KdcacheError(worker_message(e)) from None
 
     def next_epoch(self) -> None:
-        self.epoch, self.samples, self.batches = self.epoch + 1, 0, 0
+        self.epoch, self.stage, self.batches = self.epoch + 1, self.stream.first_stage(), 0
+
+    def _order_keys(self) -> dict:
+        """What the epoch's row order depends on: a resumed run must have the same."""
+        s = self.stream
+        return {"seed": s.seed, "shuffle": s.shuffle, "shuffle_buffer": s.shuffle_buffer, "rows": s.cache.num_rows}
 
     def state_dict(self) -> dict:
-        s = self.stream
-        return {"seed": s.seed, "epoch": self.epoch, "samples": self.samples, "batches": self.batches,
-                "batch_size": s.batch_size, "world_size": s.world_size, "num_workers": s.num_workers}
+        return {**self._order_keys(), "epoch": self.epoch, "stage": self.stage.to_state(), "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        s = self.stream
-        for key, have in (("seed", s.seed), ("batch_size", s.batch_size), ("world_size", s.world_size),
-                          ("num_workers", s.num_workers)):
-            if state[key] != have:
-                raise KdcacheError(f"the checkpoint's stream was made with {key}={state[key]}, this run has {have}; "
+        for key, have in self._order_keys().items():
+            if state.get(key) != have:
+                raise KdcacheError(f"the checkpoint's stream was made with {key}={state.get(key)}, this run has {have}; "
                                    f"resume with the same {key.replace('_', ' ')} to continue exactly")
-        self.epoch, self.samples, self.batches = int(state["epoch"]), int(state["samples"]), int(state["batches"])
+        stage = Stage.from_state(state["stage"])
+        self.stage, self.batches = stage.resume(int(state["batches"]), self.stream.geometry)
+        self.epoch = int(state["epoch"])

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from ..errors import KdcacheError
 from . import schema as S
 from .manifest import read_manifest, resolve_inside
+from .storage import location, open_input
 from .shards import file_sha256
 
 
@@ -66,7 +67,7 @@ def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.n
 
 def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
     """Why this shard is bad, in a few words; None when it is fine."""
-    path = Path(cache_dir) / entry["file"]  # confined by verify_cache before
+    path = location(cache_dir) / entry["file"]  # confined by verify_cache before
     if not path.is_file():
         return "file is missing"
     if path.stat().st_size != entry["bytes"]:
@@ -74,7 +75,7 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
     if file_sha256(path) != entry["sha256"]:
         return "sha256 does not match the manifest (corrupted or modified)"
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        table = pq.read_table(open_input(path), page_checksum_verification=True)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad shard
         return f"unreadable Parquet ({type(e).__name__})"
     expected = S.schema_for_manifest(manifest)
@@ -119,7 +120,7 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
 
 def verify_cache(cache_dir: Path, progress=None) -> dict:
     """Raise KdcacheError naming the first bad shard; return a small report when all is well."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest(cache_dir)
     shards = manifest.get("shards", [])
     if len(shards) != manifest.get("num_shards"):

@@ -21,6 +21,8 @@ from ..cache.manifest import (
     atomic_write_bytes, enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
 )
 from ..cache.shards import complete_shards, remove_partial_files
+from ..distributed import ProcessGroup
+from ..distributed import setup as setup_process_group
 from ..errors import KdcacheError
 from .batching import make_batches, padded_tokens
 from .corpus import load_corpus
@@ -81,39 +83,12 @@ class DumpResult:
     extra: dict = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------- distributed helpers (gloo: barriers only)
+# ---------------------------------------------------------------- distributed helpers
 
-class Dist:
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.started = False
-        if self.world > 1:
-            import torch.distributed as dist
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-                self.started = True
-
-    def barrier(self):
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def share_error(self, message: str | None) -> None:
-        """Rank 0's validation outcome, raised on every rank (so no rank waits at a barrier forever)."""
-        if self.world > 1:
-            import torch.distributed as dist
-            box = [message]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
-        if message:
-            raise KdcacheError(message)
-
-    def close(self):
-        if self.started:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+def Dist() -> ProcessGroup:
+    """Stage one joins the process group with gloo whatever the device: it only needs barriers
+    and one broadcast, on the host. See kdcache.distributed for how a failing rank stops the rest."""
+    return setup_process_group("cpu", backend="gloo")
 
 
 # ---------------------------------------------------------------- validation
@@ -412,7 +387,8 @@ class TeacherRunner:
 def run_dump(opts: DumpOptions) -> DumpResult:
     dist = Dist()
     try:
-        return _run(opts, dist)
+        with dist.failing_together():
+            return _run(opts, dist)
     finally:
         dist.close()
 

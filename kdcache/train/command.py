@@ -19,8 +19,8 @@ Examples:
 
 
 @click.command("train-student", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--cache", "cache", required=True, type=click.Path(path_type=Path),
-              help="Cache directory written by `kdcache dump-logits`.")
+@click.option("--cache", "cache", required=True, type=click.Path(),
+              help="Cache directory written by `kdcache dump-logits`, or its s3:// (gs://, hdfs://) URI.")
 @click.option("--student", required=True,
               help="Size preset L{2,4,6,8,10,12}-H{128,256,512,768} in the teacher's architecture family "
                    "(e.g. L4-H256), a config.json, or a model directory to continue from.")

@@ -15,8 +15,9 @@ LABELS = (("kl", "KL(teacher || model)", "{:.4f}"), ("top1_agreement", "top-1 ag
                epilog="Example: kdcache evaluate --model students/l4 --cache heldout_cache --json")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="A trained student (train-student --out) or any save_pretrained model of the cache's task.")
-@click.option("--cache", "cache_dir", required=True, type=click.Path(path_type=Path),
-              help="A held-out cache from `kdcache dump-logits` (same teacher and tokenizer, other text).")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(),
+              help="A held-out cache from `kdcache dump-logits` (same teacher and tokenizer, other text); "
+                   "a folder or an s3:// (gs://, hdfs://) URI.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", help="cpu, cuda, ... [default: cuda if available]")
 @click.option("--max-rows", type=click.IntRange(min=1), help="Evaluate on the first N rows only.")

@@ -15,14 +15,17 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cache.collate import move_batch
 from ..cache.manifest import atomic_write_json, enclosing_cache
 from ..cache.schema import TOP_K, targets_of
+from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
-from . import checkpoint, distributed
+from .. import distributed
+from . import checkpoint
 from .forward import target_hidden, target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
 from .students import Sizes, auto_class, build_student, init_from_teacher, load_pretrained, plan_student
@@ -30,8 +33,10 @@ from .students import Sizes, auto_class, build_student, init_from_teacher, load_
 SUMMARY = "train_summary.json"
 METRICS = "metrics.jsonl"
 # Settings a checkpoint must share with the run that resumes it (else it would not be "exact").
-RESUME_KEYS = ("cache", "student", "task", "batch_size", "grad_accum", "seed", "temperature", "alpha", "tail",
-               "online_teacher", "total_steps", "world_size", "num_workers")
+# Processes, loader workers, micro-batch size and accumulation may change as long as their global
+# batch does (the stream re-partitions the epoch's unread rows; see kdcache.cache.partition).
+RESUME_KEYS = ("cache", "student", "task", "global_batch", "seed", "temperature", "alpha", "tail",
+               "online_teacher", "total_steps", "shuffle_buffer")
 
 
 @dataclass
@@ -100,14 +105,10 @@ def _optimizer(model, lr: float, weight_decay: float, device: torch.device):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
 
-def _batches(loader: StreamLoader, batches_per_epoch: int):
-    """Endless batches; every rank takes exactly `batches_per_epoch` from each epoch."""
+def _batches(loader: StreamLoader):
+    """Endless micro-batches: every row of each epoch once; every rank reads the same number."""
     while True:
-        if loader.batches < batches_per_epoch:
-            for batch in loader:
-                yield batch
-                if loader.batches >= batches_per_epoch:
-                    break
+        yield from loader
         loader.next_epoch()
 
 
@@ -156,6 +157,16 @@ def _load_teacher(path: Path, task: str, cache, device):
 
 def train(cfg: TrainConfig) -> dict:
     """Train one student; returns the train summary (also written to OUT/train_summary.json)."""
+    # Join the process group first: a check that fails on one rank then stops every rank with its message.
+    dist = distributed.setup(cfg.device)
+    try:
+        with dist.failing_together():
+            return _checked_train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _checked_train(cfg: TrainConfig, dist) -> dict:
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise KdcacheError("pass either --max-steps or --epochs, not both")
     if cfg.alpha < 0 or cfg.alpha > 1:
@@ -177,11 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.init_from_teacher and plan.kind == "model":
         raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
                            "directory (drop --init-from-teacher to continue from its weights)")
-    dist = distributed.setup(cfg.device)
-    try:
-        return _train(cfg, dist, cache, task, plan, out)
-    finally:
-        dist.close()
+    return _train(cfg, dist, cache, task, plan, out)
 
 
 def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
@@ -197,12 +204,9 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     # Soft targets are decoded only when the KD term uses them from the cache.
     stream = CacheStream(cache, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank,
                          world_size=dist.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                         soft_targets=loss_fn.uses_soft_targets and teacher is None)
+                         soft_targets=loss_fn.uses_soft_targets and teacher is None, grad_accum=cfg.grad_accum)
     loader = StreamLoader(stream, pin_memory=device.type == "cuda")
-    steps_per_epoch = stream.min_batches_per_epoch() // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise KdcacheError(f"the cache has {cache.num_rows} rows: too few for one step of --batch-size {cfg.batch_size} "
-                           f"x {cfg.grad_accum} accumulation x {dist.world_size} processes; lower --batch-size")
+    steps_per_epoch = stream.steps_per_epoch()  # ceil(rows / global batch): the last step may be short
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.06 * total_steps)
 
@@ -214,31 +218,48 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    identity = {"cache": str(Path(cfg.cache).resolve()), "student": plan.spec, "task": task,
+    identity = {"cache": describe(cfg.cache), "student": plan.spec, "task": task,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                 "temperature": cfg.temperature, "alpha": cfg.alpha, "tail": cfg.tail,
                 "online_teacher": str(cfg.online_teacher) if cfg.online_teacher else None,
-                "total_steps": total_steps, "world_size": dist.world_size, "num_workers": cfg.num_workers}
+                "total_steps": total_steps, "world_size": dist.world_size, "num_workers": cfg.num_workers,
+                "global_batch": stream.geometry.global_batch, "shuffle_buffer": stream.shuffle_buffer}
     step, tokens, seconds = 0, 0, 0.0
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across ranks, reproducibly
     ckpt = checkpoint.find_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         diffs = [k for k in RESUME_KEYS if meta["identity"].get(k) != identity.get(k)]
+        if diffs and diffs[0] == "global_batch":
+            raise KdcacheError(
+                f"cannot resume {out} exactly: its global batch (processes x --grad-accum x --batch-size) was "
+                f"{meta['identity'].get('global_batch')}, this run's is {identity['global_batch']}; a resized resume "
+                "keeps it (and with it the steps per epoch and the learning-rate schedule): choose --batch-size and "
+                "--grad-accum to match")
         if diffs:
             k = diffs[0]
             raise KdcacheError(f"cannot resume {out}: its checkpoint was made with {k}={meta['identity'].get(k)!r}, "
                                f"this run has {identity.get(k)!r}; rerun with the original options or use another --out")
-        trainer_state, rank_state = checkpoint.load(ckpt, dist.rank, model=model)
+        resized = meta["identity"].get("world_size") != dist.world_size
+        # After a resize a rank may have no file of its own: it takes rank 0's metrics window.
+        trainer_state, rank_state = checkpoint.load(ckpt, 0 if resized else dist.rank, model=model)
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         if scaler is not None and trainer_state.get("scaler"):
             scaler.load_state_dict(trainer_state["scaler"])
         step, tokens, seconds = trainer_state["step"], trainer_state["tokens"], trainer_state["seconds"]
-        torch.set_rng_state(rank_state["torch_rng"])
-        if device.type == "cuda" and rank_state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
-        loader.load_state_dict(rank_state["stream"])
+        if resized:  # other ranks, other dropout streams: seeded from (seed, rank, step), reproducibly
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist.rank, step]).generate_state(1)[0]))
+        else:
+            torch.set_rng_state(rank_state["torch_rng"])
+            if device.type == "cuda" and rank_state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
+        # The position is the same on every rank; under another geometry the stream
+        # re-partitions the epoch's unread rows (or refuses, saying why).
+        if "stream" not in trainer_state:
+            raise KdcacheError(f"cannot resume {out}: its checkpoint was made by an older kdcache whose stream position "
+                               "this one cannot read; resume with that kdcache, or start the run again in another --out")
+        loader.load_state_dict(trainer_state["stream"])
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -258,17 +279,17 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
         checkpoint.save(out, dist, model=model, meta={"step": step, "identity": identity},
                         trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "scaler": scaler.state_dict() if scaler is not None else None,
-                                       "step": step, "tokens": tokens, "seconds": seconds},
+                                       "step": step, "tokens": tokens, "seconds": seconds,
+                                       "stream": loader.state_dict()},
                         rank_state={"torch_rng": torch.get_rng_state(),
                                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                    "stream": loader.state_dict(),
                                     # the open metrics window, so the next line averages the same steps
                                     "log_sums": sums.clone(), "logged_steps": logged_steps})
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, desc=f"train {plan.spec}", unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
-    batches = _batches(loader, steps_per_epoch * cfg.grad_accum)
+    batches = _batches(loader)
     metrics_file = open(out / METRICS, "a") if dist.is_main else None
     sums = rank_state["log_sums"] if ckpt is not None else torch.zeros(3)
     logged_steps = rank_state["logged_steps"] if ckpt is not None else 0

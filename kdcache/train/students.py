@@ -83,13 +83,14 @@ def stored_teacher_config(manifest: dict, cache_dir: Path):
     from transformers import AutoConfig
 
     from ..cache.manifest import resolve_inside
+    from ..cache.storage import local_file
 
     stored = manifest.get("teacher_config")
     if not stored:
         return None
-    path = resolve_inside(cache_dir, stored, "teacher_config")
     try:
-        return AutoConfig.from_pretrained(path)
+        # From a bucket: copied to local disk first (transformers reads files).
+        return AutoConfig.from_pretrained(local_file(resolve_inside(cache_dir, stored, "teacher_config")))
     except Exception as e:  # noqa: BLE001 - missing or unreadable: the cache is damaged
         raise KdcacheError(f"cache {cache_dir}: the teacher config it lists ({stored}) is missing or unreadable "
                            f"({type(e).__name__}); restore it from the teacher's config.json or re-create the cache "
@@ -103,7 +104,7 @@ def teacher_config(manifest: dict, override=None, cache_dir: Path | None = None)
     from transformers import AutoConfig
 
     if override is None and cache_dir is not None:
-        stored = stored_teacher_config(manifest, Path(cache_dir))
+        stored = stored_teacher_config(manifest, cache_dir)
         if stored is not None:
             return stored
     source, gguf = teacher_source(manifest, override)

@@ -1,0 +1,178 @@
+"""Where a cache lives: a local directory, or a prefix in an object store behind pyarrow's filesystems.
+
+`location("cache/")` is a pathlib.Path; `location("s3://bucket/prefix")` (or gs://, hdfs://: whatever
+pyarrow.fs.FileSystem.from_uri supports) is an ObjectPath, which has the few pathlib methods the
+cache reader uses, so the reading code is the same for both. Credentials, endpoint and region come
+from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
+AWS_DEFAULT_REGION), so any S3-compatible store (MinIO, Ceph, R2) works.
+
+Files are opened with `open_input` (random access: Parquet reads footers and single row groups, so
+a stream fetches only the row groups it decodes) and small folders the Hugging Face loaders need
+on disk (the tokenizer) are copied once per process by `local_dir`.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ..errors import KdcacheError
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_remote(location) -> bool:
+    """A URI with a scheme other than file:// (a str; pathlib would fold its '//' into '/')."""
+    return isinstance(location, (str, ObjectPath)) and bool(_SCHEME.match(str(location))) \
+        and not str(location).startswith("file://")
+
+
+@dataclass(frozen=True)
+class _StatResult:
+    st_size: int
+
+
+class ObjectPath:
+    """A file or prefix in an object store: `/`, name, parent, exists/is_file/is_dir, stat().st_size,
+    read_bytes/read_text, and str() giving the URI back for messages."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str, scheme: str):
+        self.filesystem, self.path, self.scheme = filesystem, path.strip("/"), scheme
+
+    @classmethod
+    def from_uri(cls, uri: str) -> ObjectPath:
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as e:  # an unknown scheme, or a store pyarrow was built without
+            raise KdcacheError(f"cannot open {uri} ({str(e).splitlines()[0]}); use a local path or an "
+                               "s3:// (gs://, hdfs://) URI that pyarrow supports") from None
+        return cls(filesystem, path, uri.split("://", 1)[0])
+
+    def __truediv__(self, part) -> ObjectPath:
+        return ObjectPath(self.filesystem, posixpath.normpath(posixpath.join(self.path, str(part))), self.scheme)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+    __repr__ = __str__
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(self.filesystem, posixpath.dirname(self.path), self.scheme)
+
+    def _info(self) -> pafs.FileInfo:
+        try:
+            return self.filesystem.get_file_info(self.path)
+        except OSError as e:
+            raise KdcacheError(f"cannot reach {self} ({str(e).splitlines()[0]}); check the endpoint "
+                               "(AWS_ENDPOINT_URL), the credentials and the bucket name") from None
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def stat(self) -> _StatResult:
+        info = self._info()
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(str(self))
+        return _StatResult(info.size)
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def open_input(self):
+        """A random-access pyarrow file."""
+        return self.filesystem.open_input_file(self.path)
+
+    def copy_to(self, dest: Path) -> Path:
+        """Copy this folder's objects into the local folder `dest`."""
+        selector = pafs.FileSelector(self.path, recursive=True)
+        for info in self.filesystem.get_file_info(selector):
+            if info.type == pafs.FileType.File:
+                target = dest / posixpath.relpath(info.path, self.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.filesystem.open_input_stream(info.path) as src:
+                    target.write_bytes(src.read())
+        return dest
+
+
+def location(where: str | Path | ObjectPath) -> Path | ObjectPath:
+    """A cache location as given on the command line: a local Path, or an ObjectPath for a URI."""
+    if isinstance(where, ObjectPath):
+        return where
+    if is_remote(where):
+        return ObjectPath.from_uri(str(where))
+    if isinstance(where, str) and where.startswith("file://"):
+        return Path(where[len("file://"):])
+    return Path(where)
+
+
+def open_input(path: Path | ObjectPath):
+    """What pyarrow.parquet.ParquetFile opens: the local path, or a random-access object file."""
+    return path.open_input() if isinstance(path, ObjectPath) else path
+
+
+_local_copies: dict[str, Path] = {}
+
+
+def parquet_file(path: Path | ObjectPath, **options) -> pq.ParquetFile:
+    """A Parquet file to read row groups from. From a bucket, each row group's column chunks are
+    fetched in coalesced ranged reads (pre_buffer) instead of one request per column."""
+    if isinstance(path, ObjectPath):
+        return pq.ParquetFile(path.open_input(), pre_buffer=True, **options)
+    return pq.ParquetFile(path, **options)
+
+
+def open_stream(path: Path | ObjectPath):
+    """A file to read from start to end (hashing), local or in a bucket."""
+    return path.filesystem.open_input_stream(path.path) if isinstance(path, ObjectPath) else open(path, "rb")
+
+
+def local_dir(path: Path | ObjectPath) -> Path:
+    """A folder on local disk with the contents of `path` (copied once per process when remote,
+    into a temporary folder)."""
+    if not isinstance(path, ObjectPath):
+        return path
+    if str(path) not in _local_copies:
+        _local_copies[str(path)] = path.copy_to(Path(tempfile.mkdtemp(prefix="kdcache-")) / (path.name or "root"))
+    return _local_copies[str(path)]
+
+
+def local_file(path: Path | ObjectPath) -> Path:
+    """A file on local disk with the contents of `path` (copied once per process when remote)."""
+    if not isinstance(path, ObjectPath):
+        return path
+    if str(path) not in _local_copies:
+        copy = Path(tempfile.mkdtemp(prefix="kdcache-")) / path.name
+        copy.write_bytes(path.read_bytes())
+        _local_copies[str(path)] = copy
+    return _local_copies[str(path)]
+
+
+def describe(where) -> str:
+    """How a location is recorded in run summaries: a URI as given, a local path made absolute."""
+    return str(where) if is_remote(where) else str(Path(where).resolve())

@@ -1,0 +1,129 @@
+"""Caches in an object store: read through pyarrow's S3 filesystem from a real S3 API server
+(moto's standalone server, started on 127.0.0.1 by the fixture), compared with the same cache on disk."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import shakespeare_lines
+from dump_helpers import dump
+from kdcache.cache.storage import ObjectPath, location
+from kdcache.cache.stream import CacheStream, open_cache
+from kdcache.errors import KdcacheError
+from kdcache.train.evaluate import evaluate
+from stage2_helpers import cli_error, cli_ok
+
+BUCKET = "kd-bucket"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 API on a random local port; the standard AWS variables point at it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_ENDPOINT_URL": endpoint,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, tiny_bert_mlm, s3_server):
+    """A real dump on disk, and the same files uploaded to s3://kd-bucket/caches/mlm."""
+    root = tmp_path_factory.mktemp("storage")
+    (root / "lines.txt").write_text("\n".join(shakespeare_lines(160)) + "\n")
+    local = root / "cache"
+    dump(tiny_bert_mlm, root / "lines.txt", local, "--max-length", 32, "--top-k", 8, "--shard-rows", 16,
+         "--no-progress")
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server)
+    pafs.copy_files(str(local), f"{BUCKET}/caches/mlm", destination_filesystem=s3)
+    return {"local": local, "uri": f"s3://{BUCKET}/caches/mlm", "root": root, "teacher": tiny_bert_mlm}
+
+
+def test_object_paths_answer_like_local_paths(caches):
+    remote, local = location(caches["uri"]), caches["local"]
+    assert isinstance(remote, ObjectPath) and str(remote) == caches["uri"]
+    assert remote.is_dir() and (remote / "manifest.json").is_file() and not (remote / "nothing").exists()
+    shard = "data/part-00001.parquet"
+    assert (remote / shard).stat().st_size == (local / shard).stat().st_size
+    assert json.loads((remote / "manifest.json").read_text()) == json.loads((local / "manifest.json").read_text())
+
+
+def test_streaming_from_the_bucket_gives_the_local_batches(caches):
+    # Two DataLoader worker processes each open the bucket themselves.
+    def batches(where):
+        from kdcache.cache.stream import StreamLoader
+        loader = StreamLoader(CacheStream(where, batch_size=8, seed=2, num_workers=2, shuffle_buffer=24))
+        return list(loader)
+
+    remote, local = batches(caches["uri"]), batches(caches["local"])
+    assert len(remote) == len(local) > 3
+    for a, b in zip(remote, local):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]), key
+
+
+def test_train_and_evaluate_from_the_bucket_equal_local(caches, tmp_path):
+    args = ["--student", "L2-H128", "--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64,
+            "--batch-size", 8, "--max-steps", 6, "--num-workers", 2, "--no-progress", "--seed", 1]
+    cli_ok(["train-student", "--cache", caches["uri"], "--out", tmp_path / "remote", *args])
+    cli_ok(["train-student", "--cache", caches["local"], "--out", tmp_path / "local", *args])
+    a, b = load_file(tmp_path / "remote" / "model.safetensors"), load_file(tmp_path / "local" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((tmp_path / "remote" / "train_summary.json").read_text())
+    assert summary["done"] and summary["cache"] == caches["uri"]
+    # The student carries the cache's tokenizer, fetched from the bucket.
+    assert sorted(p.name for p in (tmp_path / "remote").glob("tokenizer*")) == \
+        sorted(p.name for p in (tmp_path / "local").glob("tokenizer*"))
+    remote = evaluate(tmp_path / "remote", caches["uri"], device="cpu")
+    local = evaluate(tmp_path / "remote", caches["local"], device="cpu")
+    assert {k: v for k, v in remote.items() if k != "cache"} == {k: v for k, v in local.items() if k != "cache"}
+
+
+def test_inspect_and_verify_read_the_bucket(caches):
+    remote = json.loads(cli_ok(["inspect", caches["uri"], "--json"]))
+    local = json.loads(cli_ok(["inspect", caches["local"], "--json"]))
+    assert remote.pop("cache") == caches["uri"]
+    local.pop("cache")
+    assert remote == local and remote["rows"] > 0
+    assert f"verified in {caches['uri']}" in cli_ok(["verify", caches["uri"]])
+
+
+def test_bucket_problems_are_one_line_errors(caches, s3_server):
+    message = cli_error(["train-student", "--cache", f"s3://{BUCKET}/caches/none", "--student", "L2-H128",
+                         "--out", caches["root"] / "x", "--max-steps", 1])
+    assert f"s3://{BUCKET}/caches/none" in message and "does not exist" in message
+    # A shard whose object is not the size the manifest records is named, as on disk.
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server)
+    pafs.copy_files(f"{BUCKET}/caches/mlm", f"{BUCKET}/caches/broken", source_filesystem=s3, destination_filesystem=s3)
+    with s3.open_output_stream(f"{BUCKET}/caches/broken/data/part-00002.parquet") as f:
+        f.write(b"PAR1 not really")
+    with pytest.raises(KdcacheError, match=r"part-00002.parquet of cache s3://kd-bucket/caches/broken is corrupt"):
+        open_cache(f"s3://{BUCKET}/caches/broken")
+    message = cli_error(["verify", f"s3://{BUCKET}/caches/broken"])
+    assert "part-00002.parquet" in message and "size 15 bytes" in message
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server
+
+
+def test_dump_to_a_bucket_is_refused_without_writing_anything(tmp_path, tiny_bert_mlm, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = cli_error(["dump-logits", "--teacher", tiny_bert_mlm, "--out", f"s3://{BUCKET}/new", "--no-progress"])
+    assert "not yet to object storage" in message and f"s3://{BUCKET}/new" in message
+    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:" either
