@@ -94,36 +94,50 @@ def retry_command(run, runs_dir: Path, lr: float | None = None, max_steps: int |
                      *(shlex.quote(a) for a in rest)])
 
 
-def run_flags(run, runs_dir: Path, majority: tuple[float | None, float | None], teacher_accuracy) -> list[Flag]:
+def run_flags(run, runs_dir: Path, majority: tuple[float | None, float | None]) -> list[Flag]:
     """Flags about one student on its own: diverged, training loss flat, predictions collapsed."""
     lr = (run.summary.get("args") or {}).get("lr")
     metrics = run.metrics
     losses = logged_losses(run.path)
     where = f"at lr {_fmt_lr(lr)}" if lr else ""
-    if not all(math.isfinite(x) for x in losses) or not all(_finite(metrics.get(k)) for k in ("kl", "perplexity")):
-        what = ("training loss went non-finite" if not all(math.isfinite(x) for x in losses)
-                else "its held-out KL or perplexity is not finite")
-        return [Flag(run.name, "diverged", f"diverged: {what}", f"the learning rate is too high for this student {where}".strip(),
+    kl, k = metrics.get("kl"), metrics.get("k")
+    what = None
+    if not all(math.isfinite(x) for x in losses):
+        what = "training loss went non-finite"
+    elif not all(_finite(metrics.get(key)) for key in ("kl", "perplexity")):
+        what = "its held-out KL or perplexity is not finite"
+    elif kl is not None and k and k > 1 and kl > 2 * math.log(k):
+        # A uniform guess over the teacher's k stored ids has KL <= ln k; twice that is far worse than no model
+        # (the factor 2 leaves room for an overconfident but working classifier).
+        what = (f"held-out KL {kl:.3g} is more than twice a uniform guess's (at most ln {k} = {math.log(k):.3g}): "
+                "its outputs blew up")
+    if what is not None:
+        return [Flag(run.name, "diverged", what, f"the learning rate is too high for this student {where}".strip(),
                      retry_command(run, runs_dir, lr=lr / 10) if lr else "a lower --lr")]
     flags = []
     label_share, top1_share = majority
     accuracy, agreement = metrics.get("accuracy"), metrics.get("top1_agreement")
-    teacher_beats_majority = teacher_accuracy is None or (label_share is not None
-                                                          and teacher_accuracy > label_share + 2 * COLLAPSE_MARGIN)
+    # Always answering one class/token scores at most the majority rates; a student that does no better on both
+    # accuracy and agreement with the teacher has learnt nothing but the most common answer.
     if (label_share is not None and accuracy is not None and agreement is not None and top1_share is not None
-            and teacher_beats_majority and accuracy <= label_share + COLLAPSE_MARGIN
+            and accuracy <= label_share + COLLAPSE_MARGIN
             and agreement <= top1_share + COLLAPSE_MARGIN):
         flags.append(Flag(
-            run.name, "collapsed", f"predictions collapsed to one class/token: accuracy {accuracy:.2%} is the majority rate "
+            run.name, "collapsed", f"predictions collapsed to one class/token: accuracy {accuracy:.2%} is no better than the majority rate "
                       f"({label_share:.2%}) and top-1 agreement {agreement:.2%} no better than always answering the "
                       f"teacher's most common top-1 ({top1_share:.2%})",
             f"a learning rate too high for its width {where} (or too few steps to leave the majority answer)".strip(),
             retry_command(run, runs_dir, lr=lr / 3) if lr else "a lower --lr"))
     if len(losses) >= 2 and losses[-1] > (1 - LOSS_FALL_MIN) * losses[0]:
+        # A loss that rose on the way is being thrown around by too large steps; one that crept down
+        # smoothly but barely is moving too slowly.
+        too_high = max(losses) > (1 + LOSS_FALL_MIN) * losses[0]
         flags.append(Flag(
-            run.name, "loss did not fall", f"training loss did not fall ({losses[0]:.4g} at the first log line, {losses[-1]:.4g} at the last)",
-            f"a learning rate too high to make progress {where}, or far too low".strip(),
-            retry_command(run, runs_dir, lr=lr / 3) if lr else "a lower --lr"))
+            run.name, "loss did not fall", f"training loss did not fall ({losses[0]:.4g} at the first log line, "
+                                           f"{losses[-1]:.4g} at the last, {max(losses):.4g} at most)",
+            f"a learning rate too {'high' if too_high else 'low'} to make progress {where}".strip(),
+            (retry_command(run, runs_dir, lr=lr / 3 if too_high else lr * 10) if lr
+             else f"a {'lower' if too_high else 'higher'} --lr")))
     if not flags and run.summary.get("loss_warnings"):
         flags.append(Flag(run.name, "training warning", "train-student warned while training: " + " / ".join(run.summary["loss_warnings"]),
                           f"see the warning {where}".strip(),
