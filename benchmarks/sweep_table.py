@@ -1,7 +1,7 @@
 """Before/after table of sweeps over the same cache: one learning rate for all vs the sweep's default.
 
 Reads what `kdcache sweep` and `kdcache report` left in each sweep folder (train_summary.json,
-eval.json and report.md's flags) and prints one Markdown table, a row per student and a column
+eval.json and the flag column of report.md) and prints one Markdown table, a row per student and a column
 group per sweep, plus whether each curve is monotone in size.
 
     python benchmarks/sweep_table.py --metric accuracy one-lr=runs/cls/before width-rule=runs/cls/after
@@ -20,10 +20,12 @@ def load(folder: Path) -> dict[str, dict]:
     runs = {}
     flags = {}
     report = folder / "report.md"
-    if report.is_file():
-        section = report.read_text().split("## Flags", 1)[-1].split("\n## ", 1)[0]
-        for m in re.finditer(r"- \*\*`([^`]+)`\*\*: ([^.]*)", section):
-            flags.setdefault(m.group(1), []).append(m.group(2))
+    if report.is_file():  # the flag column of the report's table
+        lines = [line for line in report.read_text().splitlines() if line.startswith("|")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        for line in lines[2:]:
+            row = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+            flags[row["student"]] = [row["flag"]] if row.get("flag") else []
     for run in sorted(p for p in folder.iterdir() if (p / "eval.json").is_file()):
         summary = json.loads((run / "train_summary.json").read_text())
         metrics = json.loads((run / "eval.json").read_text())["metrics"]

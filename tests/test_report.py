@@ -177,7 +177,7 @@ def test_report_flags_diverged_collapsed_and_non_monotone_students(troubled_swee
     # Diverged: evaluate itself reports an infinite perplexity (it used to raise OverflowError).
     ev = evaluate_json(runs / "diverged", eval_cache, capfd)
     assert ev["perplexity"] == float("inf") and rows["diverged"]["perplexity"] == "inf"
-    assert "the learning rate is too high" in flags["diverged"][0] and ":lr=5 " in flags["diverged"][0]
+    assert "the learning rate is too high" in flags["diverged"][0] and "diverged-lr5=L2-H128:lr=5 " in flags["diverged"][0]
     # Its training warned about the loss jump while it ran.
     warnings = json.loads((runs / "diverged" / "train_summary.json").read_text())["loss_warnings"]
     assert any("training loss jumped" in w for w in warnings)
@@ -191,25 +191,26 @@ def test_report_flags_diverged_collapsed_and_non_monotone_students(troubled_swee
     assert good["top1_agreement"] > top1_share + 0.05  # the healthy student is not flagged for a reason
     assert f"majority rate ({label_share:.2%})" in flags["collapsed"][0]
 
-    # Larger but worse: trained at a far lower rate, so the flag points at steps, not the rate.
+    # Larger but worse, at a far lower rate: the flag points at steps first, and retries a third and 3x the rate.
     assert "larger than `L2-H128`" in flags["big"][0] and "too few steps" in flags["big"][0]
-    assert ":max-steps=60" in flags["big"][0]
+    assert "big-lr0.0001=L2-H256:lr=0.0001,big-lr0.0009=L2-H256:lr=0.0009" in flags["big"][0]
     # Hardly moved: the loss crept down smoothly, so the rate was too low: retried ten times higher.
     assert "a learning rate too low" in flags["still"][0] and "still-lr1e-05=L2-H128:lr=1e-05" in flags["still"][0]
 
 
 def test_flag_retry_command_runs(troubled_sweep, capfd):
-    """The retry a flag proposes is a working command: the collapsed student at a third of its rate."""
+    """The retry a flag proposes is a working command: the collapsed student at a third and at 3x its rate."""
     import shlex
 
     _, eval_cache, runs, _ = troubled_sweep
     assert run_cli(["report", runs, "--eval-cache", eval_cache]) == 0
     flag = flag_lines((runs / "report.md").read_text())["collapsed"][0]
     command = re.search(r"Retry: `([^`]+)`", flag).group(1)
-    assert command.startswith("kdcache sweep ") and "collapsed-lr0.1=L2-H128:lr=0.1" in command
+    assert command.startswith("kdcache sweep ") and "collapsed-lr0.1=L2-H128:lr=0.1,collapsed-lr0.9=L2-H128:lr=0.9" in command
     assert run_cli(shlex.split(command)[1:]) == 0
-    retried = json.loads((runs / "collapsed-lr0.1" / "train_summary.json").read_text())
-    assert retried["done"] and retried["args"]["lr"] == 0.1 and retried["args"]["max_steps"] == 30
+    for name, lr in (("collapsed-lr0.1", 0.1), ("collapsed-lr0.9", 0.9)):
+        retried = json.loads((runs / name / "train_summary.json").read_text())
+        assert retried["done"] and retried["args"]["lr"] == lr and retried["args"]["max_steps"] == 30
 
 
 def test_curve_flag_blames_the_rate_when_the_larger_student_had_the_higher_one(tmp_path):
@@ -227,6 +228,23 @@ def test_curve_flag_blames_the_rate_when_the_larger_student_had_the_higher_one(t
     flags = curve_flags(runs, tmp_path, "accuracy", skip=set())
     assert [f.name for f in flags] == ["big"]  # within 0.5 points is noise; other modes are their own curve
     assert "a learning rate too high for its width (lr 0.001" in flags[0].cause
-    assert "--lr 0.00033" in flags[0].retry  # trained without the sweep: a train-student command
+    assert "--lr 0.00033" in flags[0].retry and "--lr 0.003 " in flags[0].retry  # no sweep record: train-student
     runs[1].metrics["accuracy"] = 0.798
     assert curve_flags(runs, tmp_path, "accuracy", skip=set()) == []
+
+
+def test_collapse_blames_the_teacher_when_it_is_no_better_than_the_majority(tmp_path):
+    """Pipeline 2's small teacher answers one token at 86 % of positions: its students agree with it
+    by doing the same, and no student rate can fix that."""
+    from kdcache.sweep.collect import Run
+    from kdcache.sweep.flags import run_flags
+
+    (tmp_path / "s").mkdir()
+    run = Run("s", tmp_path / "s", "cached KD", {"args": {"lr": 5e-4}, "student": {"spec": "L2-H128"}, "cache": "c"},
+              metrics={"accuracy": 0.049, "top1_agreement": 0.8626, "kl": 0.3, "k": 64})
+    weak = run_flags(run, tmp_path, (0.06, 0.8626), teacher_accuracy=0.0458)
+    assert [f.kind for f in weak] == ["collapsed"] and "the teacher itself is no better" in weak[0].cause
+    strong = run_flags(run, tmp_path, (0.06, 0.8626), teacher_accuracy=0.40)
+    assert "does not fit its width" in strong[0].cause
+    run.metrics["top1_agreement"] = 0.90  # agrees with the teacher beyond its most common answer: learnt something
+    assert run_flags(run, tmp_path, (0.06, 0.8626), teacher_accuracy=0.0458) == []

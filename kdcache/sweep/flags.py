@@ -2,10 +2,11 @@
 size curve (diverged, loss flat, predictions collapsed) and curves where a larger student is worse
 than a smaller one. Each flag names the likely cause and a command to retry.
 
-The usual cause of all of these is one learning rate for every size (a rate that suits a narrow
-student overshoots a wide post-LN one), so the retry is the same student at a lower rate, in a new
-folder of the same sweep; a larger student that trained at a lower rate than a smaller one is more
-likely short of steps.
+The usual cause of all of these is a learning rate that does not fit the student's width and the
+run's budget: one rate for every size overshoots a wide post-LN student, and a low rate in a short
+run never leaves the majority answer. One run cannot always tell which, so where it cannot the retry
+is one sweep command training the same student at a third and at three times its rate, each into a
+new folder of the same sweep; a diverged student is retried at a tenth.
 """
 from __future__ import annotations
 
@@ -74,27 +75,31 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.2g}"
 
 
-def retry_command(run, runs_dir: Path, lr: float | None = None, max_steps: int | None = None) -> str:
-    """The same student with a new rate (or more steps), into a new folder of the same sweep."""
+def retry_command(run, runs_dir: Path, lrs: list[float]) -> str:
+    """The same student at the given rates, each into a new folder of the same sweep (one command).
+
+    Two rates bracket the old one where one run cannot tell "too high" from "too few steps"."""
     summary_args = run.summary.get("args") or {}
     spec = (run.summary.get("student") or {}).get("spec") or summary_args.get("student")
     record = read_json(run.path / SWEEP_RECORD)
-    suffix = f"lr{_fmt_lr(lr)}" if lr is not None else f"steps{max_steps}"
-    new_name = f"{run.name}-{suffix}"
-    options = (f":lr={_fmt_lr(lr)}" if lr is not None else "") + (f":max-steps={max_steps}" if max_steps else "")
     if record is None:  # trained by train-student directly
-        return (f"kdcache train-student --cache {shlex.quote(str(run.summary.get('cache')))} --student {spec} "
-                f"--out {shlex.quote(str(Path(runs_dir) / new_name))} --lr {_fmt_lr(lr or summary_args.get('lr'))}"
-                + (f" --max-steps {max_steps}" if max_steps else "") + " (and its other options)")
+        return " ; ".join(
+            f"kdcache train-student --cache {shlex.quote(str(run.summary.get('cache')))} --student {spec} "
+            f"--out {shlex.quote(str(Path(runs_dir) / f'{run.name}-lr{_fmt_lr(lr)}'))} --lr {_fmt_lr(lr)} "
+            "(and its other options)" for lr in lrs)
     identity = record.get("identity") or {}
-    drop = ("--lr",) + (("--max-steps", "--epochs") if max_steps else ())
-    rest = without_options(identity.get("train_args") or [], drop)
+    students = ",".join(f"{run.name}-lr{_fmt_lr(lr)}={spec}:lr={_fmt_lr(lr)}" for lr in lrs)
+    rest = without_options(identity.get("train_args") or [], ("--lr",))
     return " ".join(["kdcache sweep", "--cache", shlex.quote(str(identity.get("cache"))), "--out",
-                     shlex.quote(str(runs_dir)), "--students", shlex.quote(f"{new_name}={spec}{options}"),
-                     *(shlex.quote(a) for a in rest)])
+                     shlex.quote(str(runs_dir)), "--students", shlex.quote(students), *(shlex.quote(a) for a in rest)])
 
 
-def run_flags(run, runs_dir: Path, majority: tuple[float | None, float | None]) -> list[Flag]:
+def _retry(run, runs_dir: Path, lr, factors: tuple[float, ...], fallback: str) -> str:
+    return retry_command(run, runs_dir, [lr * f for f in factors]) if lr else fallback
+
+
+def run_flags(run, runs_dir: Path, majority: tuple[float | None, float | None],
+              teacher_accuracy: float | None = None) -> list[Flag]:
     """Flags about one student on its own: diverged, training loss flat, predictions collapsed."""
     lr = (run.summary.get("args") or {}).get("lr")
     metrics = run.metrics
@@ -113,7 +118,7 @@ def run_flags(run, runs_dir: Path, majority: tuple[float | None, float | None]) 
                 "its outputs blew up")
     if what is not None:
         return [Flag(run.name, "diverged", what, f"the learning rate is too high for this student {where}".strip(),
-                     retry_command(run, runs_dir, lr=lr / 10) if lr else "a lower --lr")]
+                     _retry(run, runs_dir, lr, (0.1,), "a lower --lr"))]
     flags = []
     label_share, top1_share = majority
     accuracy, agreement = metrics.get("accuracy"), metrics.get("top1_agreement")
@@ -122,26 +127,33 @@ def run_flags(run, runs_dir: Path, majority: tuple[float | None, float | None]) 
     if (label_share is not None and accuracy is not None and agreement is not None and top1_share is not None
             and accuracy <= label_share + COLLAPSE_MARGIN
             and agreement <= top1_share + COLLAPSE_MARGIN):
+        weak_teacher = teacher_accuracy is not None and teacher_accuracy <= label_share + COLLAPSE_MARGIN
+        cause = (f"a learning rate that does not fit its width and this budget{' (' + where + ')' if where else ''}: too "
+                 "high, and a wide student overshoots into the majority answer; too low (or too few steps), and it never "
+                 "leaves it")
+        if weak_teacher:  # nothing a student setting can fix: it learnt what the teacher says
+            cause = (f"the teacher itself is no better than the majority answer (its accuracy {teacher_accuracy:.2%}), so "
+                     "agreeing with it means answering its most common top-1: the fix is a stronger teacher (a new cache); "
+                     "other rates only check the student")
         flags.append(Flag(
             run.name, "collapsed", f"predictions collapsed to one class/token: accuracy {accuracy:.2%} is no better than the majority rate "
                       f"({label_share:.2%}) and top-1 agreement {agreement:.2%} no better than always answering the "
                       f"teacher's most common top-1 ({top1_share:.2%})",
-            f"a learning rate too high for its width {where} (or too few steps to leave the majority answer)".strip(),
-            retry_command(run, runs_dir, lr=lr / 3) if lr else "a lower --lr"))
+            cause, _retry(run, runs_dir, lr, (1 / 3, 3), "another --lr (lower and higher)")))
     if len(losses) >= 2 and losses[-1] > (1 - LOSS_FALL_MIN) * losses[0]:
-        # A loss that rose on the way is being thrown around by too large steps; one that crept down
-        # smoothly but barely is moving too slowly.
-        too_high = max(losses) > (1 + LOSS_FALL_MIN) * losses[0]
+        # A loss that crept down smoothly but barely is moving too slowly; one that rose on the way may be
+        # thrown around by too large steps, or just be noisy early in a short run: try both sides.
+        rose = max(losses) > (1 + LOSS_FALL_MIN) * losses[0]
         flags.append(Flag(
             run.name, "loss did not fall", f"training loss did not fall ({losses[0]:.4g} at the first log line, "
                                            f"{losses[-1]:.4g} at the last, {max(losses):.4g} at most)",
-            f"a learning rate too {'high' if too_high else 'low'} to make progress {where}".strip(),
-            (retry_command(run, runs_dir, lr=lr / 3 if too_high else lr * 10) if lr
-             else f"a {'lower' if too_high else 'higher'} --lr")))
+            (f"a learning rate too high ({where}: the loss rose on the way), or too few steps at it to make progress"
+             if rose else f"a learning rate too low to make progress ({where}: the loss crept down smoothly)"),
+            _retry(run, runs_dir, lr, (1 / 3, 3) if rose else (10,), "another --lr")))
     if not flags and run.summary.get("loss_warnings"):
         flags.append(Flag(run.name, "training warning", "train-student warned while training: " + " / ".join(run.summary["loss_warnings"]),
                           f"see the warning {where}".strip(),
-                          retry_command(run, runs_dir, lr=lr / 3) if lr else "a lower --lr"))
+                          _retry(run, runs_dir, lr, (1 / 3,), "a lower --lr")))
     return flags
 
 
@@ -170,14 +182,13 @@ def curve_flags(runs, runs_dir: Path, metric: str, skip: set[str]) -> list[Flag]
         problem = (f"larger than `{best.name}` ({best.num_parameters:,} vs {run.num_parameters:,} parameters) but worse: "
                    f"{metric} {fmt.format(run.metrics[metric])} vs {fmt.format(best.metrics[metric])}")
         if lr and best_lr and lr < best_lr:
-            steps = int(run.summary.get("total_steps") or run.summary.get("steps") or 0)
-            flags.append(Flag(run.name, "worse than smaller", problem,
-                              f"too few steps for its size at its lower learning rate ({_fmt_lr(lr)} vs {_fmt_lr(best_lr)})",
-                              retry_command(run, runs_dir, max_steps=2 * steps) if steps else "more --max-steps"))
+            cause = (f"too few steps for its size at its lower learning rate ({_fmt_lr(lr)} vs {_fmt_lr(best_lr)}), or a "
+                     "rate still too high for its width")
+        elif lr:
+            cause = (f"a learning rate too high for its width (lr {_fmt_lr(lr)}; `{best.name}` had {_fmt_lr(best_lr)}): "
+                     "wider students need smaller steps (sweep --lr-rule width), unless the budget is too short for them")
         else:
-            flags.append(Flag(run.name, "worse than smaller", problem,
-                              f"a learning rate too high for its width (lr {_fmt_lr(lr)}; `{best.name}` had "
-                              f"{_fmt_lr(best_lr)}): wider students need smaller steps (sweep --lr-rule width)"
-                              if lr else "its learning rate does not suit its size",
-                              retry_command(run, runs_dir, lr=lr / 3) if lr else "a lower --lr"))
+            cause = "its learning rate does not suit its size"
+        flags.append(Flag(run.name, "worse than smaller", problem, cause,
+                          _retry(run, runs_dir, lr, (1 / 3, 3), "another --lr (lower and higher)")))
     return flags

@@ -117,7 +117,7 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     metric, label = ("perplexity", "held-out perplexity (lower is better)") if use_ppl else (
         "accuracy", "held-out accuracy (higher is better)")
     majority = majority_rates(eval_cache)
-    flags = [f for r in runs for f in run_flags(r, runs_dir, majority)]
+    flags = [f for r in runs for f in run_flags(r, runs_dir, majority, teacher.get("accuracy"))]
     flags += curve_flags(runs, runs_dir, metric, skip={f.name for f in flags})
 
     rows = [{"name": r.name, "mode": r.mode, "num_parameters": r.num_parameters,
