@@ -77,7 +77,8 @@ def main():
         p.dump_logits(out / "eval-cache", *dump, "--data", test_file)
 
     runs = out / "runs"
-    train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--lr", 1e-3, "--temperature", 1, "--seed", 0,
+    # No --lr: the sweep's width rule gives each size its rate (L2-H128 1e-3, L4-H256 5e-4; benchmarks/sweep.md).
+    train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--temperature", 1, "--seed", 0,
              "--save-every", 50]
     smallest = size["students"][0]
     with p.step(f"baseline: {smallest} on hard labels only (labelled rows only; no teacher)"):

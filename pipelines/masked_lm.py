@@ -64,7 +64,8 @@ def main():
 
     runs = out / "runs"
     half = half_depth_config(teacher, out / "students" / "half-depth" / "config.json")
-    train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--lr", 5e-4, "--seed", 0]
+    # No --lr: the sweep's width rule gives each size its rate (L2-H128 1e-3, H384 3.3e-4; benchmarks/sweep.md).
+    train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--seed", 0]
     with p.step("stage two: half-depth student initialised from the teacher (DistilBERT)"):
         p.kdcache("sweep", "--cache", out / "cache", "--students", f"L3-H384-init={half}", "--out", runs,
                   *train, "--init-from-teacher")

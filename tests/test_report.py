@@ -134,3 +134,117 @@ def test_eval_cache_of_another_teacher_is_refused(report_setup, tmp_path, capfd)
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was made with another teacher" in err[0]
     assert ((runs / "report.md").read_text() if before is not None else None) == before
+
+
+@pytest.fixture(scope="module")
+def troubled_sweep(report_setup, tmp_path_factory):
+    """A sweep where one student is fine, one collapses (lr 0.3: it answers the most common token),
+    one diverges (lr 50), a larger one is under-trained (lr 3e-4) and one hardly moves (lr 1e-6): real
+    runs, not planted numbers."""
+    cache, eval_cache, _, _ = report_setup
+    runs = tmp_path_factory.mktemp("troubled") / "runs"
+    args = ["sweep", "--cache", cache, "--out", runs, "--max-steps", 30, "--batch-size", 8, "--lr", 3e-3,
+            "--num-workers", 0, "--log-every", 5, "--no-progress"]
+    assert run_cli([*args, "--students", "L2-H128,collapsed=L2-H128:lr=0.3,diverged=L2-H128:lr=50,big=L2-H256:lr=3e-4,"
+                                   "still=L2-H128:lr=1e-6"]) == 0
+    return cache, eval_cache, runs, args
+
+
+def flag_lines(markdown: str) -> dict[str, list[str]]:
+    section = markdown.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        if m := re.match(r"- \*\*`([^`]+)`\*\*: (.*)", line):
+            out.setdefault(m.group(1), []).append(m.group(2))
+    return out
+
+
+def test_report_flags_diverged_collapsed_and_non_monotone_students(troubled_sweep, capfd):
+    from kdcache.sweep.flags import majority_rates
+
+    cache, eval_cache, runs, args = troubled_sweep
+    capfd.readouterr()
+    assert run_cli(["report", runs, "--eval-cache", eval_cache]) == 0  # a diverged student does not break it
+    printed = capfd.readouterr().out
+    md = (runs / "report.md").read_text()
+    assert "[report] flag: collapsed: predictions collapsed" in printed
+    rows, flags = table_rows(md), flag_lines(md)
+    assert {n: rows[n]["flag"] for n in rows} == {
+        "L2-H128": "", "collapsed": "collapsed", "diverged": "diverged", "big": "worse than smaller",
+        "still": "loss did not fall", "teacher": ""}
+    assert set(flags) == {"collapsed", "diverged", "big", "still"}
+
+    # Diverged: evaluate itself reports an infinite perplexity (it used to raise OverflowError).
+    ev = evaluate_json(runs / "diverged", eval_cache, capfd)
+    assert ev["perplexity"] == float("inf") and rows["diverged"]["perplexity"] == "inf"
+    assert "the learning rate is too high" in flags["diverged"][0] and "diverged-lr5=L2-H128:lr=5 " in flags["diverged"][0]
+    # Its training warned about the loss jump while it ran.
+    warnings = json.loads((runs / "diverged" / "train_summary.json").read_text())["loss_warnings"]
+    assert any("training loss jumped" in w for w in warnings)
+
+    # Collapsed: accuracy and agreement at the rates of always answering the most common token
+    # (an independent count over the eval cache's labels and the teacher's top-1).
+    label_share, top1_share = majority_rates(eval_cache)
+    ev = evaluate_json(runs / "collapsed", eval_cache, capfd)
+    assert ev["accuracy"] <= label_share + 0.01 and ev["top1_agreement"] <= top1_share + 0.01
+    good = evaluate_json(runs / "L2-H128", eval_cache, capfd)
+    assert good["top1_agreement"] > top1_share + 0.05  # the healthy student is not flagged for a reason
+    assert f"majority rate ({label_share:.2%})" in flags["collapsed"][0]
+
+    # Larger but worse, at a far lower rate: the flag points at steps first, and retries a third and 3x the rate.
+    assert "larger than `L2-H128`" in flags["big"][0] and "too few steps" in flags["big"][0]
+    assert "big-lr0.0001=L2-H256:lr=0.0001,big-lr0.0009=L2-H256:lr=0.0009" in flags["big"][0]
+    # Hardly moved: the loss crept down smoothly, so the rate was too low: retried ten times higher.
+    assert "a learning rate too low" in flags["still"][0] and "still-lr1e-05=L2-H128:lr=1e-05" in flags["still"][0]
+
+
+def test_flag_retry_command_runs(troubled_sweep, capfd):
+    """The retry a flag proposes is a working command: the collapsed student at a third and at 3x its rate."""
+    import shlex
+
+    _, eval_cache, runs, _ = troubled_sweep
+    assert run_cli(["report", runs, "--eval-cache", eval_cache]) == 0
+    flag = flag_lines((runs / "report.md").read_text())["collapsed"][0]
+    command = re.search(r"Retry: `([^`]+)`", flag).group(1)
+    assert command.startswith("kdcache sweep ") and "collapsed-lr0.1=L2-H128:lr=0.1,collapsed-lr0.9=L2-H128:lr=0.9" in command
+    assert run_cli(shlex.split(command)[1:]) == 0
+    for name, lr in (("collapsed-lr0.1", 0.1), ("collapsed-lr0.9", 0.9)):
+        retried = json.loads((runs / name / "train_summary.json").read_text())
+        assert retried["done"] and retried["args"]["lr"] == lr and retried["args"]["max_steps"] == 30
+
+
+def test_curve_flag_blames_the_rate_when_the_larger_student_had_the_higher_one(tmp_path):
+    from kdcache.sweep.collect import Run
+    from kdcache.sweep.flags import curve_flags
+
+    def run(name, params, accuracy, lr, mode="cached KD"):
+        (tmp_path / name).mkdir()
+        summary = {"num_parameters": params, "args": {"lr": lr}, "student": {"spec": name}, "cache": "c",
+                   "total_steps": 100}
+        return Run(name, tmp_path / name, mode, summary, metrics={"accuracy": accuracy})
+
+    runs = [run("small", 1_000, 0.80, 1e-3), run("big", 4_000, 0.65, 1e-3), run("bigger", 9_000, 0.81, 5e-4),
+            run("noise", 5_000, 0.797, 1e-3), run("hard", 8_000, 0.5, 1e-3, mode="hard labels")]
+    flags = curve_flags(runs, tmp_path, "accuracy", skip=set())
+    assert [f.name for f in flags] == ["big"]  # within 0.5 points is noise; other modes are their own curve
+    assert "a learning rate too high for its width (lr 0.001" in flags[0].cause
+    assert "--lr 0.00033" in flags[0].retry and "--lr 0.003 " in flags[0].retry  # no sweep record: train-student
+    runs[1].metrics["accuracy"] = 0.798
+    assert curve_flags(runs, tmp_path, "accuracy", skip=set()) == []
+
+
+def test_collapse_blames_the_teacher_when_it_is_no_better_than_the_majority(tmp_path):
+    """Pipeline 2's small teacher answers one token at 86 % of positions: its students agree with it
+    by doing the same, and no student rate can fix that."""
+    from kdcache.sweep.collect import Run
+    from kdcache.sweep.flags import run_flags
+
+    (tmp_path / "s").mkdir()
+    run = Run("s", tmp_path / "s", "cached KD", {"args": {"lr": 5e-4}, "student": {"spec": "L2-H128"}, "cache": "c"},
+              metrics={"accuracy": 0.049, "top1_agreement": 0.8626, "kl": 0.3, "k": 64})
+    weak = run_flags(run, tmp_path, (0.06, 0.8626), teacher_accuracy=0.0458)
+    assert [f.kind for f in weak] == ["collapsed"] and "the teacher itself is no better" in weak[0].cause
+    strong = run_flags(run, tmp_path, (0.06, 0.8626), teacher_accuracy=0.40)
+    assert "does not fit its width" in strong[0].cause
+    run.metrics["top1_agreement"] = 0.90  # agrees with the teacher beyond its most common answer: learnt something
+    assert run_flags(run, tmp_path, (0.06, 0.8626), teacher_accuracy=0.0458) == []

@@ -102,6 +102,12 @@ def test_changed_options_are_refused_not_mixed(interrupted_then_resumed, capfd):
     (["--students", "a=L2-H128,a=L4-H256"], "names two runs 'a'"),
     (["--students", "L2-H128", "--resume"], "sweep sets --resume"),
     (["--students", "bad name=L2-H128"], "is not SPEC or NAME=SPEC"),
+    (["--students", "L2-H128:lr=fast"], "--lr 'fast': 'fast' is not a valid float"),
+    (["--students", "L2-H128:learning-rate=1e-3"], "--learning-rate is not a train-student option"),
+    (["--students", "L2-H128:out=elsewhere"], "--out cannot be set per student"),
+    (["--students", "L2-H128:init-from-teacher=yes"], "--init-from-teacher is a flag"),
+    (["--students", "L2-H128:batch-size=0"], "--batch-size '0'"),
+    (["--students", "L2-H128", "--lr-rule", "sqrt"], "Invalid value for '--lr-rule'"),
 ])
 def test_bad_sweep_arguments(interrupted_then_resumed, tmp_path, capfd, extra, message):
     cache = interrupted_then_resumed[0]
@@ -116,3 +122,95 @@ def test_missing_cache_is_one_line_error(tmp_path, capfd):
     assert run_cli(["sweep", "--cache", tmp_path / "nope", "--students", "L2-H128", "--out", tmp_path / "r"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_student_options_are_parsed_per_student():
+    from kdcache.sweep.specs import parse_students
+
+    small, big, init = parse_students("L2-H128, big=L4-H256:lr=3e-4:batch-size=16 ,cfg/x/config.json:init-from-teacher")
+    assert (small.name, small.spec, small.options) == ("L2-H128", "L2-H128", ())
+    assert (big.name, big.spec, big.option_args()) == ("big", "L4-H256", ["--lr", "3e-4", "--batch-size", "16"])
+    assert big.option_text() == "lr=3e-4, batch-size=16"
+    assert (init.name, init.spec, init.option_args()) == ("x", "cfg/x/config.json", ["--init-from-teacher"])
+
+
+def test_learning_rate_rule(tmp_path):
+    """Default: base 1e-3 x 128/width; an explicit --lr is one rate for all unless --lr-rule width
+    asks to scale it; a student's own :lr always wins; the width comes from the preset, a config
+    or a --hidden option."""
+    from kdcache.sweep.command import student_args
+    from kdcache.sweep.lr_rule import default_rule
+    from kdcache.sweep.specs import parse_students
+
+    config = tmp_path / "mid" / "config.json"
+    config.parent.mkdir()
+    config.write_text('{"model_type": "bert", "hidden_size": 384}')
+    students = parse_students(f"L2-H128,L4-H256,{config},wide=L2-H128:hidden=512,own=L4-H256:lr=7e-5")
+
+    def rates(train_args, rule=None):
+        rule = rule or default_rule(train_args)
+        return [float(a[a.index("--lr") + 1]) if "--lr" in a else None
+                for a, _ in (student_args(s, train_args, rule) for s in students)]
+
+    assert default_rule(["--max-steps", "5"]) == "width" and default_rule(["--lr=2e-3"]) == "none"
+    assert rates(["--max-steps", "5"]) == pytest.approx([1e-3, 5e-4, 1e-3 / 3, 2.5e-4, 7e-5], rel=1e-2)
+    assert rates(["--lr", "2e-3"]) == [2e-3, 2e-3, 2e-3, 2e-3, 7e-5]           # means what it says
+    assert rates(["--lr", "2e-3"], "width") == pytest.approx([2e-3, 1e-3, 2e-3 / 3, 5e-4, 7e-5], rel=1e-2)
+    assert rates([], "none") == [None, None, None, None, 7e-5]                  # train-student's default
+    args, lr = student_args(students[1], ["--lr", "1", "--max-steps", "5"], "width")
+    assert args == ["--max-steps", "5", "--lr", "0.5"] and lr.source == "width rule: 1 x 128/256"
+    # An explicit --lr without the rule leaves the arguments as they were (older runs' records stay valid).
+    assert student_args(students[0], ["--lr", "3e-3", "--max-steps", "4"], "none")[0] == ["--lr", "3e-3", "--max-steps", "4"]
+
+
+def test_per_student_options_end_to_end(interrupted_then_resumed, tmp_path, capfd):
+    """The width rule and a student's own options reach train-student, its summary and the report."""
+    cache = interrupted_then_resumed[0]
+    runs = tmp_path / "runs"
+    capfd.readouterr()
+    assert run_cli(["sweep", "--cache", cache, "--out", runs, "--students", "L2-H128,big=L2-H256:lr=2e-4:batch-size=2",
+                    "--max-steps", 2, "--batch-size", 4, "--num-workers", 0, "--no-progress"]) == 0
+    out = capfd.readouterr().out
+    assert "L2-H128: training L2-H128, lr 0.001 (width rule: 0.001 x 128/128)" in out
+    assert "big: training L2-H256, lr 0.0002 (per-student :lr); options lr=2e-4, batch-size=2" in out
+    small, big = summary(runs / "L2-H128"), summary(runs / "big")
+    assert (small["args"]["lr"], small["args"]["batch_size"]) == (1e-3, 4)
+    assert (big["args"]["lr"], big["args"]["batch_size"]) == (2e-4, 2)
+    assert big["tokens"] < small["tokens"]  # 2 steps of 2 rows vs 2 steps of 4
+    record = json.loads((runs / "big" / "sweep.json").read_text())
+    assert record["options"] == "lr=2e-4, batch-size=2" and record["lr"] == 2e-4
+    assert record["identity"]["train_args"] == ["--max-steps", "2", "--lr", "2e-4", "--batch-size", "2"]
+
+    from test_report import table_rows
+    assert run_cli(["report", runs, "--eval-cache", cache, "--no-teacher-eval"]) == 0
+    rows = table_rows((runs / "report.md").read_text())
+    assert (rows["L2-H128"]["lr"], rows["big"]["lr"]) == ("0.001", "0.0002")
+    assert (rows["L2-H128"]["options"], rows["big"]["options"]) == ("", "lr=2e-4, batch-size=2")
+
+
+def test_corrected_spec_after_a_failed_start_just_runs(interrupted_then_resumed, tmp_path, capfd):
+    cache = interrupted_then_resumed[0]
+    runs = tmp_path / "runs"
+    args = ["sweep", "--cache", cache, "--out", runs, "--max-steps", 2, "--batch-size", 4, "--num-workers", 0]
+    assert run_cli([*args, "--students", "mid=L3-H384"]) == 2  # not a preset: the student fails at start-up
+    assert json.loads((runs / "mid" / "sweep.json").read_text())["identity"]["student"] == "L3-H384"
+    capfd.readouterr()
+    assert run_cli([*args, "--students", "mid=L2-H256"]) == 0
+    out = capfd.readouterr().out
+    replaced = [line for line in out.splitlines() if "replacing" in line]
+    assert len(replaced) == 1 and "never completed a step" in replaced[0] and "(L3-H384)" in replaced[0]
+    assert summary(runs / "mid")["done"] is True and summary(runs / "mid")["student"]["spec"] == "L2-H256"
+
+
+def test_folder_with_progress_is_still_protected(interrupted_then_resumed, tmp_path, capfd):
+    cache = interrupted_then_resumed[0]
+    runs = tmp_path / "runs"
+    args = ["sweep", "--cache", cache, "--out", runs, "--max-steps", 4, "--batch-size", 4, "--num-workers", 0]
+    assert run_cli([*args, "--students", "mid=L2-H128", "--stop-after-steps", 1]) == 0
+    before = sorted(p.name for p in (runs / "mid").iterdir())
+    assert "checkpoint" in before
+    capfd.readouterr()
+    assert run_cli([*args, "--students", "mid=L2-H256"]) == 2
+    err = capfd.readouterr().err
+    assert "was trained with a different student" in err and "replacing" not in err
+    assert sorted(p.name for p in (runs / "mid").iterdir()) == before

@@ -1,6 +1,7 @@
 """report.png: the headline metric vs student size, one point per student, the teacher as a line."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 MARKERS = {"cached KD": "o", "online KD": "s", "hard labels": "x"}
@@ -15,8 +16,9 @@ def plot_report(rows: list[dict], teacher: dict | None, metric: str, label: str,
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for mode, marker in MARKERS.items():
+            # A diverged student (perplexity inf, KL nan) has no point; the report's table and flags show it.
             pts = [(r["num_parameters"], r[key], r["name"]) for r in rows
-                   if r["mode"] == mode and r.get(key) is not None and r.get("num_parameters")]
+                   if r["mode"] == mode and r.get(key) is not None and math.isfinite(r[key]) and r.get("num_parameters")]
             if not pts:
                 continue
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=50, label=f"student ({mode})")

@@ -11,6 +11,8 @@ from ..cache.schema import TOP_K, describe_targets, targets_of
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
 from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
+from .flags import curve_flags, majority_rates, run_flags
+from .runs import SWEEP_RECORD, read_json
 from .plot import plot_report
 from .table import markdown_table
 
@@ -112,15 +114,20 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
         teacher_metrics = evaluate_dir(tdir, eval_cache, Path(runs_dir) / TEACHER_EVAL_RECORD, fresh=fresh)
     teacher = teacher_row(eval_manifest, runs, teacher_metrics)
 
-    rows = [{"name": r.name, "mode": r.mode, "num_parameters": r.num_parameters,
-             "tokens_per_second": r.tokens_per_second, **r.metrics} for r in runs]
-    rows.sort(key=lambda r: (r.get("num_parameters") or 0, MODE_ORDER.get(r["mode"], 9), r["name"]))
-    table = markdown_table(rows + [teacher])
-
-
-    use_ppl = task in ("mlm", "clm") and any(r.get("perplexity") is not None for r in rows)
+    use_ppl = task in ("mlm", "clm") and any(r.metrics.get("perplexity") is not None for r in runs)
     metric, label = ("perplexity", "held-out perplexity (lower is better)") if use_ppl else (
         "accuracy", "held-out accuracy (higher is better)")
+    majority = majority_rates(eval_cache)
+    flags = [f for r in runs for f in run_flags(r, runs_dir, majority, teacher.get("accuracy"))]
+    flags += curve_flags(runs, runs_dir, metric, skip={f.name for f in flags})
+
+    rows = [{"name": r.name, "mode": r.mode, "num_parameters": r.num_parameters,
+             "tokens_per_second": r.tokens_per_second, **r.metrics,
+             "lr": (r.summary.get("args") or {}).get("lr"),
+             "options": (read_json(r.path / SWEEP_RECORD) or {}).get("options"),
+             "flag": ", ".join(f.kind for f in flags if f.name == r.name) or None} for r in runs]
+    rows.sort(key=lambda r: (r.get("num_parameters") or 0, MODE_ORDER.get(r["mode"], 9), r["name"]))
+    table = markdown_table(rows + [teacher])
     png = plot_report(rows, teacher, metric, label, Path(runs_dir) / REPORT_PNG)
 
     teacher_info = eval_manifest.get("teacher") or {}
@@ -145,6 +152,10 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     ]
     if unfinished:
         md += ["", "Not in the table (unfinished): " + ", ".join(f"`{p.name}`" for p in unfinished) + "."]
+    md += ["", "## Flags", ""]
+    md += [f.markdown() for f in flags] or [
+        f"None: every student's training loss fell, none collapsed to one answer, and {metric} improves with size "
+        "among students trained the same way."]
     if amort is not None:
         md += ["", "## Amortisation", ""] + [f"- {line}" for line in amort.lines()]
     md += ["", f"![{label} vs student parameters]({REPORT_PNG})", ""]
@@ -152,6 +163,8 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
 
     click.echo("")
     click.echo(table)
+    for flag in flags:
+        click.echo(f"[report] flag: {flag.text()}")
     if amort is not None:
         click.echo("")
         for line in amort.lines():

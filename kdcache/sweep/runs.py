@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache.manifest import atomic_write_json
 from ..errors import KdcacheError
+from .specs import SWEEP_OWNED_OPTIONS, Student  # noqa: F401  (SWEEP_OWNED_OPTIONS: re-exported)
 
 # Written by the sweep into each run folder before training starts: the exact train-student
 # arguments, so a re-run can tell "resume this run" from "this folder holds something else".
@@ -18,54 +17,9 @@ TRAIN_LOG = "train.log"
 # Options that say how to run, not what to train: changing them between re-runs is fine.
 RUNTIME_OPTIONS = ("--device", "--num-workers", "--save-every", "--stop-after-steps", "--log-every")
 RUNTIME_FLAGS = ("--no-progress",)
-# Options the sweep sets itself for every student.
-SWEEP_OWNED_OPTIONS = ("--cache", "--student", "--out", "--resume")
-
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-
-@dataclass(frozen=True)
-class Student:
-    name: str   # the run folder under RUNS/
-    spec: str   # what `train-student --student` gets: a preset, a config.json or a model dir
-
-
-def default_name(spec: str) -> str:
-    """Run-folder name for a student spec: the preset itself, or the file/folder it points at."""
-    path = Path(spec)
-    if path.name == "config.json":
-        name = path.parent.name or "student"
-    elif path.suffix == ".json":
-        name = path.stem
-    else:
-        name = path.name
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
-
-
-def parse_students(text: str) -> list[Student]:
-    """`L2-H128,L4-H256` or with explicit folder names `small=L2-H128,cfg=path/config.json`."""
-    students = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        name, sep, spec = item.partition("=")
-        if not sep:
-            name, spec = default_name(item), item
-        name, spec = name.strip(), spec.strip()
-        if not spec or not _NAME_OK.match(name):
-            raise KdcacheError(
-                f"--students entry {item!r} is not SPEC or NAME=SPEC with NAME made of letters, digits, '.', '_', '+', '-'; "
-                "e.g. --students L2-H128,tiny=L2-H128")
-        students.append(Student(name, spec))
-    if not students:
-        raise KdcacheError("--students is empty; give a comma-separated list such as L2-H128,L4-H256")
-    seen = {}
-    for s in students:
-        if s.name in seen:
-            raise KdcacheError(
-                f"--students names two runs {s.name!r} ({seen[s.name]} and {s.spec}); name them apart with NAME=SPEC")
-        seen[s.name] = s.spec
-    return students
+# What a started-but-never-trained folder may hold: the sweep's record and log, train-student's
+# opening summary (steps 0) and an empty metrics log. Anything else counts as progress.
+_SETUP_FILES = (SWEEP_RECORD, TRAIN_LOG, TRAIN_SUMMARY, "metrics.jsonl")
 
 
 def option_value(args: list[str], option: str) -> str | None:
@@ -100,7 +54,10 @@ def without_options(args: list[str], options: tuple[str, ...]) -> list[str]:
 
 
 def training_identity(cache: Path, student: Student, train_args: list[str]) -> dict:
-    """What a run folder's result depends on; a re-run with a different identity is refused."""
+    """What a run folder's result depends on; a re-run with a different identity is refused.
+
+    train_args: everything this student's train-student gets besides --cache/--student/--out
+    (the sweep's options, its per-student options and its learning rate)."""
     return {
         "cache": str(Path(cache).resolve()),
         "student": student.spec,
@@ -129,23 +86,46 @@ def has_progress(run_dir: Path) -> bool:
     return any(p.name not in (SWEEP_RECORD, TRAIN_LOG) for p in run_dir.iterdir())
 
 
-def check_or_record(run_dir: Path, identity: dict) -> None:
-    """Refuse to reuse a folder trained with other options; otherwise (re)write the record."""
+def never_trained(run_dir: Path) -> bool:
+    """The folder holds only a failed start: no completed step, no checkpoint, no weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return True
+    if any(p.name not in _SETUP_FILES for p in run_dir.iterdir()):
+        return False
+    summary = read_json(run_dir / TRAIN_SUMMARY)
+    if (run_dir / TRAIN_SUMMARY).exists() and (summary is None or summary.get("done") or summary.get("steps")):
+        return False
+    metrics = run_dir / "metrics.jsonl"
+    return not (metrics.exists() and metrics.read_text().strip())
+
+
+def check_or_record(run_dir: Path, identity: dict, extra: dict | None = None, echo=print) -> None:
+    """Refuse to reuse a folder trained with other options; otherwise (re)write the record.
+
+    A folder whose student never completed a step (a failed start: a typo in the spec, a bad
+    option) holds nothing worth keeping, so a changed identity simply replaces it."""
     run_dir = Path(run_dir)
     record = read_json(run_dir / SWEEP_RECORD)
     if record is not None and record.get("identity") != identity:
         old, new = record.get("identity") or {}, identity
         keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        raise KdcacheError(
-            f"{run_dir} was trained with a different {', '.join(keys)} than this sweep asks for; "
-            "use another --out, another NAME=SPEC, or delete that folder to retrain it")
+        if not never_trained(run_dir):
+            raise KdcacheError(
+                f"{run_dir} was trained with a different {', '.join(keys)} than this sweep asks for; "
+                "use another --out, another NAME=SPEC, or delete that folder to retrain it")
+        echo(f"[sweep] {run_dir.name}: replacing {run_dir}: it never completed a step with its old "
+             f"{', '.join(keys)} ({old.get('student')}); starting afresh")
+        for name in _SETUP_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        record = None
     if record is None and has_progress(run_dir) and not is_finished(run_dir):
         raise KdcacheError(
             f"{run_dir} holds an unfinished run the sweep did not start (no {SWEEP_RECORD}); "
             "resume it with `kdcache train-student --resume`, or delete it, or use another --out")
     if record is None and not has_progress(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / SWEEP_RECORD, {"identity": identity})
+        atomic_write_json(run_dir / SWEEP_RECORD, {"identity": identity, **(extra or {})})
 
 
 def run_mode(train_args: list[str]) -> str:

@@ -31,13 +31,18 @@ def metric_columns(rows) -> list[tuple[str, str, str]]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """rows: dicts with name, mode, num_parameters, tokens_per_second and the metric keys."""
+    """rows: dicts with name, mode, num_parameters, tokens_per_second and the metric keys; optionally
+    lr, options (a student's own sweep options) and flag (what the report warns about it)."""
     columns = metric_columns(rows)
-    header = ["student", "mode", "parameters", "train tokens/s"] + [title for title, _, _ in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    extra = [(title, key) for title, key in (("options", "options"), ("flag", "flag")) if any(r.get(key) for r in rows)]
+    header = ["student", "mode", "parameters", "lr", "train tokens/s"] + [title for title, _, _ in columns]
+    header += [title for title, _ in extra]
+    aligns = ["---"] * 2 + ["---:"] * (len(header) - 2 - len(extra)) + ["---"] * len(extra)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
     for r in rows:
-        cells = [r["name"], r["mode"], fmt_params(r.get("num_parameters")),
+        cells = [r["name"], r["mode"], fmt_params(r.get("num_parameters")), fmt(r.get("lr"), "{:.3g}"),
                  fmt(r.get("tokens_per_second"), "{:,.0f}")]
         cells += [fmt(r.get(key), pattern) for _, key, pattern in columns]
+        cells += [r.get(key) or "" for _, key in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

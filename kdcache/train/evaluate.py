@@ -87,11 +87,16 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         "kl": s["kl"] / n if n else None,
         "top1_agreement": s["agree"] / n if n else None,
         "accuracy": s["correct"] / labelled if labelled else None,
-        "perplexity": math.exp(s["ce"] / labelled) if lm and labelled else None,
+        "perplexity": _perplexity(s["ce"] / labelled) if lm and labelled else None,
         "teacher_accuracy": s["t_correct"] / labelled if labelled else None,
-        "teacher_perplexity": (math.exp(s["t_ce"] / labelled)
+        "teacher_perplexity": (_perplexity(s["t_ce"] / labelled)
                                if lm and labelled and s["t_covered"] == labelled else None),
     }
+
+
+def _perplexity(mean_ce: float) -> float:
+    """exp(mean CE); inf for a diverged model (math.exp raises OverflowError past ~709)."""
+    return math.exp(mean_ce) if mean_ce < 709 else math.inf
 
 
 def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0) -> None:

@@ -29,6 +29,7 @@ from . import checkpoint
 from .forward import target_hidden, target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
 from .students import Sizes, auto_class, build_student, init_from_teacher, load_pretrained, plan_student
+from .watch import LossWatch
 
 SUMMARY = "train_summary.json"
 METRICS = "metrics.jsonl"
@@ -291,6 +292,7 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
                disable=not (dist.is_main and cfg.progress))
     batches = _batches(loader)
     metrics_file = open(out / METRICS, "a") if dist.is_main else None
+    watch = LossWatch.from_metrics(out / METRICS, total_steps, cfg.lr) if dist.is_main else None
     sums = rank_state["log_sums"] if ckpt is not None else torch.zeros(3)
     logged_steps = rank_state["logged_steps"] if ckpt is not None else 0
     session_steps = 0
@@ -343,6 +345,8 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rate:,.0f}")
+                for warning in watch.update(step, loss_avg) if watch is not None else ():
+                    bar.write(f"[train-student] warning: {warning}", file=sys.stderr)
                 sums.zero_()
                 logged_steps, window_tokens, window_start = 0, 0, time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -355,6 +359,7 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
 
     done = step >= total_steps
     summary = _summary(cfg, plan, identity, num_parameters, step, tokens, seconds, done=done, layer_map=layer_map)
+    summary["loss_warnings"] = watch.warnings if watch is not None else []
     if not done:
         save_checkpoint()  # session ended early (--stop-after-steps): resume from exactly here
     elif dist.is_main:
