@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import KdcacheError
+from .files import atomic_write_bytes, atomic_write_json  # noqa: F401 - re-exported for older imports
 from .schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS
-from .storage import location
+from .storage import ObjectPath, location
 
 # Manifest keys that define *what* a cache holds. A re-run whose identity differs in any of
 # them would mix two caches in one directory, so it is refused (unless --overwrite).
@@ -48,31 +49,12 @@ def writing(what: str, path: Path):
     try:
         yield
     except OSError as e:
-        reason = e.strerror or type(e).__name__
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]  # pyarrow's have no strerror
         if e.errno in DISK_FULL:
             raise KdcacheError(f"{reason} while writing {what} {path}; free space on that disk and re-run the same "
                                "`kdcache dump-logits` command: completed shards are kept and it resumes") from None
         raise KdcacheError(f"cannot write {what} {path} ({reason}); fix the cause and re-run the same "
                            "`kdcache dump-logits` command: completed shards are kept and it resumes") from None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # on a full disk, the space it took is wanted back
-        raise
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def write_cache_json(path: Path, obj: dict, what: str = "the manifest") -> None:
@@ -87,8 +69,15 @@ def manifest_path(cache_dir: Path) -> Path:
 
 def enclosing_cache(path: Path) -> Path | None:
     """The kdcache cache that `path` is (or lies inside), if any; `path` need not exist."""
-    path = Path(os.path.abspath(path))  # '..' collapsed, so parents are the real ones
-    for folder in (path, *path.parents):
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        folders = [path]
+        while "/" in folders[-1].path:  # up to the bucket itself
+            folders.append(folders[-1].parent)
+    else:
+        path = Path(os.path.abspath(path))  # '..' collapsed, so parents are the real ones
+        folders = [path, *path.parents]
+    for folder in folders:
         try:
             manifest = json.loads(manifest_path(folder).read_text())
         except (OSError, ValueError):

@@ -13,7 +13,7 @@ from ..errors import KdcacheError
 from . import schema as S
 from .manifest import read_manifest, resolve_inside
 from .storage import location, open_input
-from .shards import file_sha256
+from .files import file_sha256
 
 
 def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:

@@ -7,7 +7,7 @@ takes shards i with i % world_size == r, and rank 0 keeps the manifest.
 from __future__ import annotations
 
 import os
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +17,10 @@ import torch
 
 from .. import __version__
 from ..cache import schema as S
+from ..cache.files import atomic_write_bytes, remove_tree
+from ..cache.storage import ObjectPath, location
 from ..cache.manifest import (
-    atomic_write_bytes, enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
+    enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
 )
 from ..cache.shards import complete_shards, remove_partial_files
 from ..distributed import ProcessGroup
@@ -43,7 +45,7 @@ DEFAULT_SAMPLES = 16
 class DumpOptions:
     teacher: str
     data: str
-    out: Path
+    out: str | Path  # a local folder, or an s3:// (gs://, hdfs://) prefix
     task: str | None = None
     split: str = "train"
     text_column: str = "text"
@@ -151,14 +153,32 @@ def check_writable(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise KdcacheError(f"--out {out} is not writable ({e.strerror or type(e).__name__}); choose a directory you can write to") from None
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+        raise KdcacheError(f"--out {out} is not writable ({reason}); choose a directory (or bucket prefix) you can "
+                           "write to; for a bucket check the credentials and AWS_ENDPOINT_URL") from None
 
 
 def clear_cache(out: Path) -> None:
     """Remove only what a cache consists of, never other files a user may keep there."""
     manifest_path(out).unlink(missing_ok=True)
-    for sub in (S.SHARD_DIR, S.TOKENIZER_DIR, Path(S.TEACHER_CONFIG).parent):
-        shutil.rmtree(out / sub, ignore_errors=True)
+    for sub in (S.SHARD_DIR, S.TOKENIZER_DIR, Path(S.TEACHER_CONFIG).parent.as_posix()):
+        remove_tree(out / sub)
+
+
+def save_tokenizer(tokenizer, dest: Path | ObjectPath) -> None:
+    """save_pretrained into the cache; into a bucket through a local temporary folder."""
+    if not isinstance(dest, ObjectPath):
+        tokenizer.save_pretrained(dest)
+        return
+    with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        dest.upload_from(Path(folder))
+
+
+def resolve_out(out) -> Path | ObjectPath:
+    """--out as a location: a bucket prefix as given, a local folder made absolute."""
+    where = location(out)
+    return where if isinstance(where, ObjectPath) else where.expanduser().absolute()
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -395,7 +415,7 @@ def run_dump(opts: DumpOptions) -> DumpResult:
 
 def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
     echo = opts.echo if dist.rank == 0 else (lambda *a, **kw: None)
-    out = Path(opts.out).expanduser().absolute()
+    out = resolve_out(opts.out)
     device, dtype, teacher, corpus, task, k, packing, max_length = validate(opts, dist)
     batch_size = opts.batch_size
     max_tokens = opts.max_tokens_per_batch or (None if batch_size else DEFAULT_MAX_TOKENS_PER_BATCH)
@@ -432,7 +452,7 @@ def _run(opts: DumpOptions, dist: Dist) -> DumpResult:
             # Manifest first: a run killed right after still leaves a directory recognised as this cache.
             write_cache_json(manifest_path(out), with_shards(manifest, out))
             with writing("the tokenizer", out / S.TOKENIZER_DIR):
-                teacher.tokenizer.save_pretrained(out / S.TOKENIZER_DIR)
+                save_tokenizer(teacher.tokenizer, out / S.TOKENIZER_DIR)
             with writing("the teacher config", out / S.TEACHER_CONFIG):
                 (out / S.TEACHER_CONFIG).parent.mkdir(exist_ok=True)
                 atomic_write_bytes(out / S.TEACHER_CONFIG, config_json(teacher))

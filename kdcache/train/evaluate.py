@@ -29,7 +29,8 @@ from ..cache.stream import CacheStream, open_cache
 from ..errors import KdcacheError
 from .forward import target_hidden
 from .losses import DEFAULT_CHUNK_ELEMENTS, sparse_target_weights
-from .students import auto_class, load_pretrained
+from ..models import auto_class
+from .students import load_pretrained
 
 
 def load_model(model_dir: Path, cache, device):

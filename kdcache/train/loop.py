@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..cache.collate import move_batch
-from ..cache.manifest import atomic_write_json, enclosing_cache
+from ..cache.files import atomic_write_json
+from ..cache.manifest import enclosing_cache
 from ..cache.schema import TOP_K, targets_of
 from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
@@ -28,7 +29,8 @@ from .. import distributed
 from . import checkpoint
 from .forward import target_hidden, target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
-from .students import Sizes, auto_class, build_student, init_from_teacher, load_pretrained, plan_student
+from ..models import auto_class
+from .students import Sizes, build_student, init_from_teacher, load_pretrained, plan_student
 
 SUMMARY = "train_summary.json"
 METRICS = "metrics.jsonl"

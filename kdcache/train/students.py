@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KdcacheError
+from ..models import auto_class
 
 PRESET_LAYERS = (2, 4, 6, 8, 10, 12)
 PRESET_HIDDEN = (128, 256, 512, 768)
@@ -24,12 +25,6 @@ _PRESET_RE = re.compile(r"^L(\d+)-H(\d+)$", re.IGNORECASE)
 # llama "layers.3.", gpt2 "h.3.".
 _LAYER_RE = re.compile(r"\.(layer|layers|h|block|blocks)\.(\d+)\.")
 _INTERMEDIATE_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
-
-
-def auto_class(task: str):
-    import transformers
-    return {"mlm": transformers.AutoModelForMaskedLM, "clm": transformers.AutoModelForCausalLM,
-            "seq-cls": transformers.AutoModelForSequenceClassification}[task]
 
 
 @dataclass
