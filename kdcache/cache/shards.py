@@ -82,8 +82,10 @@ def read_shard_stats(cache_dir: Path, index: int) -> dict | None:
     return stats
 
 
-def complete_shards(cache_dir: Path) -> dict[int, dict]:
-    """All complete shards in the directory (or bucket prefix), by index."""
+def complete_shards(cache_dir: Path, known: dict[int, dict] | None = None) -> dict[int, dict]:
+    """All complete shards in the directory (or bucket prefix), by index. `known`: shards already
+    found complete in this run, not read again (a sidecar never changes once written; in a bucket
+    each read is a request)."""
     cache_dir = location(cache_dir)
     out = {}
     prefix, suffix = SHARD_PATTERN.split("{")[0], ".parquet"
@@ -92,7 +94,7 @@ def complete_shards(cache_dir: Path) -> dict[int, dict]:
             index = int(path.name[len(prefix):-len(suffix)])
         except ValueError:
             continue
-        stats = read_shard_stats(cache_dir, index)
+        stats = known[index] if known and index in known else read_shard_stats(cache_dir, index)
         if stats is not None:
             out[index] = stats
     return out
