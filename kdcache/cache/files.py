@@ -27,6 +27,12 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to the disk (before a rename makes it the real one)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
     """Readers see the old file or the new one, never a part."""
     if isinstance(path, ObjectPath):
@@ -68,8 +74,7 @@ def write_parquet(table: pa.Table, path: Path | ObjectPath, **options) -> tuple[
     tmp = temp_name(path)
     try:
         pq.write_table(table, tmp, **options)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a half-written file is never used; free its space now

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..cache.collate import move_batch
-from ..cache.files import atomic_write_json
+from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import enclosing_cache
 from ..cache.schema import TOP_K, targets_of
 from ..cache.storage import describe
@@ -380,7 +380,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def _summary(cfg: TrainConfig, plan, identity, num_parameters, step, tokens, seconds, *, done, layer_map) -> dict:
