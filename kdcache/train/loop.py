@@ -21,7 +21,7 @@ import torch
 from ..cache.collate import move_batch
 from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import enclosing_cache
-from ..cache.schema import TOP_K, targets_of
+from ..cache.schema import TOP_K
 from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
@@ -149,7 +149,7 @@ def _load_teacher(path: Path, task: str, cache, device):
     except (OSError, ValueError) as e:
         raise KdcacheError(f"--online-teacher {path}: cannot load a {task} model ({str(e).splitlines()[0]}); "
                            "pass the teacher's save_pretrained directory") from None
-    want = cache.manifest.get("target_vocab_size") or cache.manifest["vocab_size"]
+    want = cache.view.target_vocab_size
     have = teacher.config.num_labels if task == "seq-cls" else teacher.config.vocab_size
     if have != want:
         raise KdcacheError(f"--online-teacher {path} has {have} outputs, the cache's teacher {want}; "
@@ -178,14 +178,14 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
     out = Path(cfg.out)
     cache = open_cache(cfg.cache)  # checks every shard before anything is written
     task = cache.task
-    kind = targets_of(cache.manifest)["kind"]
+    kind = cache.view.target_kind
     if cfg.tail == "bucket" and kind != TOP_K and cfg.alpha > 0 and not cfg.online_teacher:
         raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
                            f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
     finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished
-    plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
+    plan = plan_student(cfg.student, cache.view, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
                         teacher=cfg.teacher, cache_dir=cache.dir)
     if cfg.init_from_teacher and plan.kind == "model":
         raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     device = dist.device
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_student(plan, task)
-    layer_map = init_from_teacher(model, task, cache.manifest, cfg.teacher) if cfg.init_from_teacher else None
+    layer_map = init_from_teacher(model, task, cache.view, cfg.teacher) if cfg.init_from_teacher else None
     model.to(device)
     num_parameters = sum(p.numel() for p in model.parameters())
     teacher = _load_teacher(Path(cfg.online_teacher), task, cache, device) if cfg.online_teacher else None
