@@ -124,6 +124,10 @@ def test_bucket_problems_are_one_line_errors(caches, s3_server):
     message = cli_error(["verify", f"s3://{BUCKET}/caches/broken"])
     assert "part-00002.parquet" in message and "size 15 bytes" in message
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
+    # Dumping into a bucket that does not exist says so in one line, before the teacher runs.
+    message = cli_error(["dump-logits", "--teacher", caches["teacher"], "--out", "s3://no-such-bucket/c",
+                         "--data", caches["root"] / "lines.txt", "--no-progress"])
+    assert "--out s3://no-such-bucket/c is not writable" in message and "bucket" in message, message
 
 
 DUMP_ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
