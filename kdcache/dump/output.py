@@ -17,6 +17,7 @@ from ..errors import KdcacheError
 from .record import with_shards
 from .teacher import config_json
 
+
 def check_output_dir(out: Path, new_identity: dict, overwrite: bool) -> bool:
     """Decide what happens to --out; returns True when an existing cache must be cleared first.
 

@@ -8,6 +8,7 @@ from ..cache import schema as S
 from ..errors import KdcacheError
 from .targets import sampled_targets, topk_targets
 
+
 class TeacherRunner:
     """Pads a batch on the right, runs the teacher, returns host-side soft targets per row.
 

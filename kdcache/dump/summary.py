@@ -8,6 +8,7 @@ from ..distributed import ProcessGroup
 from .options import DumpResult
 from .rows import RowPlan
 
+
 def make_bar(total: int, progress: bool, dist: ProcessGroup):
     if not progress:
         return None
