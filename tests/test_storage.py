@@ -133,12 +133,20 @@ def test_bucket_problems_are_one_line_errors(caches, s3_server):
 DUMP_ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
 
 
-def test_dump_to_a_bucket_survives_kill_9_and_equals_a_local_dump(tmp_path, tiny_bert_mlm, s3_server, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    corpus = tmp_path / "lines.txt"
+@pytest.fixture(scope="module")
+def local_dump(tmp_path_factory, tiny_bert_mlm):
+    """A corpus and its dump on local disk: what every dump into the bucket must equal."""
+    root = tmp_path_factory.mktemp("local_dump")
+    corpus = root / "lines.txt"
     corpus.write_text("\n".join(shakespeare_lines(600)) + "\n")
-    local = tmp_path / "local"
-    dump(tiny_bert_mlm, corpus, local, *DUMP_ARGS)
+    dump(tiny_bert_mlm, corpus, root / "cache", *DUMP_ARGS)
+    return corpus, root / "cache"
+
+
+def test_dump_to_a_bucket_survives_kill_9_and_equals_a_local_dump(tmp_path, tiny_bert_mlm, s3_server, local_dump,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus, local = local_dump
     uri, prefix = f"s3://{BUCKET}/dumped/mlm", f"{BUCKET}/dumped/mlm"
     s3 = pafs.S3FileSystem(endpoint_override=s3_server)
     args = ["dump-logits", "--teacher", tiny_bert_mlm, "--data", corpus, "--out", uri, "--no-progress", *DUMP_ARGS]
@@ -178,3 +186,17 @@ def test_dump_to_a_bucket_survives_kill_9_and_equals_a_local_dump(tmp_path, tiny
     fresh = json.loads(location(uri + "/manifest.json").read_text())
     names = sorted(p.name for p in location(uri + "/data").iterdir())
     assert fresh["complete"] and len(names) == 2 * fresh["num_shards"] < 2 * killed["num_shards"]
+
+
+def test_torchrun_two_processes_dump_into_a_bucket_like_one_local_process(tmp_path, tiny_bert_mlm, s3_server, local_dump):
+    corpus, local = local_dump
+    prefix = f"{BUCKET}/dumped/torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdcache",
+           "dump-logits", "--teacher", tiny_bert_mlm, "--data", corpus, "--out", f"s3://{prefix}", "--no-progress",
+           *DUMP_ARGS]
+    result = subprocess.run(list(map(str, cmd)), env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    copy = tmp_path / "copy"
+    pafs.copy_files(prefix, str(copy), source_filesystem=pafs.S3FileSystem(endpoint_override=s3_server))
+    assert manifest(copy)["complete"] is True and manifest(copy)["dump"]["world_size"] == 2
+    assert_same_rows(read_rows(copy), read_rows(local))
