@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.manifest import atomic_write_json
+from kdcache.cache.files import atomic_write_json
 from kdcache.cache.schema import FORMAT_VERSION, TOKENIZER_DIR, arrow_schema
 from kdcache.cache.shards import write_shard
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dump_helpers import dump, manifest, run_cli
-from kdcache.cache.manifest import atomic_write_json
+from kdcache.cache.files import atomic_write_json
 from kdcache.cache.shards import write_shard
 
 

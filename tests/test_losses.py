@@ -12,7 +12,8 @@ from conftest import shakespeare_lines
 from kdcache.cache.stream import CacheStream, open_cache
 from kdcache.train.forward import target_hidden, target_logits
 from kdcache.train.losses import DistillLoss
-from kdcache.train.students import Sizes, auto_class, build_student, plan_student
+from kdcache.models import auto_class
+from kdcache.train.students import Sizes, build_student, plan_student
 from stage2_helpers import CLM, CLS, MLM, teacher_cache
 
 TEACHERS = {MLM: "tiny_bert_mlm", CLM: "tiny_llama_clm", CLS: "tiny_bert_cls"}

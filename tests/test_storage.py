@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import shakespeare_lines
-from dump_helpers import dump
+from conftest import shakespeare_lines, single_thread_env
+from dump_helpers import assert_same_rows, dump, manifest, read_rows
 from kdcache.cache.storage import ObjectPath, location
 from kdcache.cache.stream import CacheStream, open_cache
 from kdcache.errors import KdcacheError
@@ -120,10 +124,79 @@ def test_bucket_problems_are_one_line_errors(caches, s3_server):
     message = cli_error(["verify", f"s3://{BUCKET}/caches/broken"])
     assert "part-00002.parquet" in message and "size 15 bytes" in message
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
+    # Dumping into a bucket that does not exist says so in one line, before the teacher runs.
+    message = cli_error(["dump-logits", "--teacher", caches["teacher"], "--out", "s3://no-such-bucket/c",
+                         "--data", caches["root"] / "lines.txt", "--no-progress"])
+    assert "--out s3://no-such-bucket/c is not writable" in message and "bucket" in message, message
 
 
-def test_dump_to_a_bucket_is_refused_without_writing_anything(tmp_path, tiny_bert_mlm, monkeypatch):
+DUMP_ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
+
+
+@pytest.fixture(scope="module")
+def local_dump(tmp_path_factory, tiny_bert_mlm):
+    """A corpus and its dump on local disk: what every dump into the bucket must equal."""
+    root = tmp_path_factory.mktemp("local_dump")
+    corpus = root / "lines.txt"
+    corpus.write_text("\n".join(shakespeare_lines(600)) + "\n")
+    dump(tiny_bert_mlm, corpus, root / "cache", *DUMP_ARGS)
+    return corpus, root / "cache"
+
+
+def test_dump_to_a_bucket_survives_kill_9_and_equals_a_local_dump(tmp_path, tiny_bert_mlm, s3_server, local_dump,
+                                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)
-    message = cli_error(["dump-logits", "--teacher", tiny_bert_mlm, "--out", f"s3://{BUCKET}/new", "--no-progress"])
-    assert "not yet to object storage" in message and f"s3://{BUCKET}/new" in message
-    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:" either
+    corpus, local = local_dump
+    uri, prefix = f"s3://{BUCKET}/dumped/mlm", f"{BUCKET}/dumped/mlm"
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server)
+    args = ["dump-logits", "--teacher", tiny_bert_mlm, "--data", corpus, "--out", uri, "--no-progress", *DUMP_ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args)], env=single_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and \
+            s3.get_file_info(f"{prefix}/data/_part-00000.stats.json").type != pafs.FileType.File:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    killed = json.loads(location(uri + "/manifest.json").read_text())
+    assert killed["complete"] is False and len(killed["shards"]) < killed["num_shards"]
+
+    dump(tiny_bert_mlm, corpus, uri, *DUMP_ARGS)  # the same command resumes
+    copy = tmp_path / "copy"
+    pafs.copy_files(prefix, str(copy), source_filesystem=s3)
+    assert manifest(copy)["complete"] is True
+    assert_same_rows(read_rows(copy), read_rows(local))
+    assert [s["sha256"] for s in manifest(copy)["shards"]] == [s["sha256"] for s in manifest(local)["shards"]]
+    # The tokenizer and the teacher config went up too, byte for byte.
+    for name in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "teacher/config.json"):
+        assert (copy / name).read_bytes() == (local / name).read_bytes(), name
+    assert list(tmp_path.glob("s3*")) == []  # no local folder named "s3:"
+    assert f"verified in {uri}" in cli_ok(["verify", uri])
+
+    # Stage two trains from the dumped bucket.
+    cli_ok(["train-student", "--cache", uri, "--out", tmp_path / "student", "--student", "L2-H128", "--layers", 1,
+            "--hidden", 32, "--heads", 2, "--intermediate", 64, "--batch-size", 8, "--max-steps", 2, "--no-progress"])
+    assert json.loads((tmp_path / "student" / "train_summary.json").read_text())["done"]
+
+    # --overwrite semantics hold in a bucket: a different cache is refused, then replaced on request.
+    message = cli_error([*args[:-len(DUMP_ARGS)], *DUMP_ARGS, "--limit", 40])
+    assert "holds a different cache" in message and "--overwrite" in message
+    dump(tiny_bert_mlm, corpus, uri, *DUMP_ARGS, "--limit", 40, "--overwrite")
+    fresh = json.loads(location(uri + "/manifest.json").read_text())
+    names = sorted(p.name for p in location(uri + "/data").iterdir())
+    assert fresh["complete"] and len(names) == 2 * fresh["num_shards"] < 2 * killed["num_shards"]
+
+
+def test_torchrun_two_processes_dump_into_a_bucket_like_one_local_process(tmp_path, tiny_bert_mlm, s3_server, local_dump):
+    corpus, local = local_dump
+    prefix = f"{BUCKET}/dumped/torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdcache",
+           "dump-logits", "--teacher", tiny_bert_mlm, "--data", corpus, "--out", f"s3://{prefix}", "--no-progress",
+           *DUMP_ARGS]
+    result = subprocess.run(list(map(str, cmd)), env=single_thread_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    copy = tmp_path / "copy"
+    pafs.copy_files(prefix, str(copy), source_filesystem=pafs.S3FileSystem(endpoint_override=s3_server))
+    assert manifest(copy)["complete"] is True and manifest(copy)["dump"]["world_size"] == 2
+    assert_same_rows(read_rows(copy), read_rows(local))

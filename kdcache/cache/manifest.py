@@ -6,11 +6,13 @@ import json
 import os
 import posixpath
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import KdcacheError
-from .schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS
-from .storage import location
+from .files import atomic_write_bytes, atomic_write_json  # noqa: F401 - re-exported for older imports
+from .schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, TOKENIZER_DIR, targets_of
+from .storage import ObjectPath, location
 
 # Manifest keys that define *what* a cache holds. A re-run whose identity differs in any of
 # them would mix two caches in one directory, so it is refused (unless --overwrite).
@@ -48,31 +50,12 @@ def writing(what: str, path: Path):
     try:
         yield
     except OSError as e:
-        reason = e.strerror or type(e).__name__
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]  # pyarrow's have no strerror
         if e.errno in DISK_FULL:
             raise KdcacheError(f"{reason} while writing {what} {path}; free space on that disk and re-run the same "
                                "`kdcache dump-logits` command: completed shards are kept and it resumes") from None
         raise KdcacheError(f"cannot write {what} {path} ({reason}); fix the cause and re-run the same "
                            "`kdcache dump-logits` command: completed shards are kept and it resumes") from None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # on a full disk, the space it took is wanted back
-        raise
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def write_cache_json(path: Path, obj: dict, what: str = "the manifest") -> None:
@@ -87,8 +70,15 @@ def manifest_path(cache_dir: Path) -> Path:
 
 def enclosing_cache(path: Path) -> Path | None:
     """The kdcache cache that `path` is (or lies inside), if any; `path` need not exist."""
-    path = Path(os.path.abspath(path))  # '..' collapsed, so parents are the real ones
-    for folder in (path, *path.parents):
+    path = location(path)
+    if isinstance(path, ObjectPath):
+        folders = [path]
+        while "/" in folders[-1].path:  # up to the bucket itself
+            folders.append(folders[-1].parent)
+    else:
+        path = Path(os.path.abspath(path))  # '..' collapsed, so parents are the real ones
+        folders = [path, *path.parents]
+    for folder in folders:
         try:
             manifest = json.loads(manifest_path(folder).read_text())
         except (OSError, ValueError):
@@ -117,6 +107,69 @@ def read_manifest(cache_dir: Path) -> dict:
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (writes {FORMAT_VERSION}); "
             "re-dump with this kdcache or install the version that wrote it")
     return manifest
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """The typed view readers use instead of raw manifest keys (docs/FORMAT.md, "manifest.json"),
+    with the defaults older caches imply. Built by `view` / `read_manifest_view`; `raw` is the dict."""
+    task: str
+    target_kind: str             # top-k, sample or top-k+sample
+    k: int                       # top-k width (0 for `sample`)
+    samples: int                 # draws per position (0 for `top-k`)
+    vocab_size: int              # input id space
+    target_vocab_size: int       # output size: vocab (LM) or labels (seq-cls)
+    max_length: int
+    special_token_ids: dict      # pad, bos, eos, cls, sep, mask -> id or None
+    tokenizer_dir: str           # relative to the cache; resolve with resolve_inside
+    teacher_config: str | None   # relative path of the teacher's config.json (None: made before it was stored)
+    token_type_ids: bool
+    num_labels: int | None
+    id2label: dict = field(default_factory=dict)  # int -> label name (seq-cls)
+    teacher: dict = field(default_factory=dict)   # the teacher's fingerprint (source, model_type, ...)
+    complete: bool = False
+    num_shards: int | None = None
+    shards: tuple = ()           # shard entries, ordered by index
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.special_token_ids.get("pad")
+        return 0 if pad is None else int(pad)
+
+
+def view(manifest: dict | CacheManifest, where="the cache") -> CacheManifest:
+    """The typed view of a manifest dict (a view is returned as it is); a missing required key is a
+    one-line error."""
+    if isinstance(manifest, CacheManifest):
+        return manifest
+    try:
+        targets = targets_of(manifest)
+        vocab_size = int(manifest["vocab_size"])
+        return CacheManifest(
+            task=manifest["task"], target_kind=targets["kind"], k=targets["k"], samples=targets["samples"],
+            vocab_size=vocab_size, target_vocab_size=int(manifest.get("target_vocab_size") or vocab_size),
+            max_length=int(manifest.get("max_length") or 0),
+            special_token_ids=dict(manifest.get("special_token_ids") or {}),
+            tokenizer_dir=(manifest.get("tokenizer") or {}).get("dir", TOKENIZER_DIR),
+            teacher_config=manifest.get("teacher_config") or None,
+            token_type_ids=bool(manifest.get("token_type_ids")),
+            num_labels=int(manifest["num_labels"]) if manifest.get("num_labels") is not None else None,
+            id2label={int(i): str(label) for i, label in (manifest.get("id2label") or {}).items()},
+            teacher=dict(manifest.get("teacher") or {}),
+            complete=bool(manifest.get("complete", False)),
+            num_shards=manifest.get("num_shards"),
+            shards=tuple(sorted(manifest.get("shards") or [], key=lambda s: s["index"])),
+            raw=manifest,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise KdcacheError(f"{where}: manifest.json lacks or mangles {e}; re-create the cache with "
+                           "`kdcache dump-logits`") from None
+
+
+def read_manifest_view(cache_dir) -> CacheManifest:
+    """read_manifest, as the typed view."""
+    return view(read_manifest(cache_dir), f"cache {cache_dir}")
 
 
 # Where the teacher or corpus lives is not what it is: a moved teacher folder or corpus file with

@@ -1,17 +1,16 @@
 """Writing shards atomically (with their stats sidecars) and finding the complete ones."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import KdcacheError
-from .manifest import atomic_write_json, resolve_inside, writing
-from .storage import open_stream, parquet_file
+from .files import atomic_write_json, file_sha256, remove_temp_files, write_parquet  # noqa: F401 - file_sha256 re-exported
+from .manifest import resolve_inside, writing
+from .storage import ObjectPath, location, parquet_file
 from .schema import (
     DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, POSITIONS,
     SHARD_DIR, SHARD_PATTERN, shard_name, shard_stats_name,
@@ -22,48 +21,33 @@ from .schema import (
 READ_ERRORS = (OSError, pa.ArrowException, ValueError)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open_stream(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_shard(cache_dir: Path, index: int, table: pa.Table,
+def write_shard(cache_dir: Path | ObjectPath, index: int, table: pa.Table,
                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> dict:
     """Write shard `index` atomically and return its stats (also saved as the sidecar JSON).
 
-    Order matters for crash safety: parquet to a temp name -> fsync -> rename -> sidecar
-    (atomic too). A shard counts as complete only once its sidecar exists.
+    Order matters for crash safety: the Parquet file first (locally: temp name, fsync, rename;
+    in a bucket: one whole-object upload), then the sidecar (atomic too). A shard counts as
+    complete only once its sidecar exists, so a store without rename needs nothing more.
     """
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)
     final = cache_dir / shard_name(index)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     with writing("shard", final):
-        try:
-            # Page CRCs: every reader verifies each page it decodes, so a flipped bit is an
-            # error naming the shard instead of a silently changed soft target.
-            pq.write_table(
-                table, tmp, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
-                row_group_size=row_group_rows, use_dictionary=False, write_statistics=False,
-                write_page_checksum=True,
-            )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a half-written shard is never used; free its space now
-            raise
+        # Page CRCs: every reader verifies each page it decodes, so a flipped bit is an
+        # error naming the shard instead of a silently changed soft target.
+        size, sha256 = write_parquet(
+            table, final, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
+            row_group_size=row_group_rows, use_dictionary=False, write_statistics=False,
+            write_page_checksum=True,
+        )
     positions = int(pa.compute.sum(pa.compute.list_value_length(table.column(POSITIONS))).as_py() or 0)
     stats = {
         "index": index,
         "file": shard_name(index),
         "rows": table.num_rows,
         "positions": positions,
-        "bytes": final.stat().st_size,
-        "sha256": file_sha256(final),
+        "bytes": size,
+        "sha256": sha256,
     }
     with writing("shard sidecar", cache_dir / shard_stats_name(index)):
         atomic_write_json(cache_dir / shard_stats_name(index), stats)
@@ -87,7 +71,7 @@ def corrupt_shard_error(cache_dir: Path, entry: dict, cause: BaseException | str
 
 def read_shard_stats(cache_dir: Path, index: int) -> dict | None:
     """Stats of shard `index` if it is complete (sidecar present and file size matches), else None."""
-    cache_dir = Path(cache_dir)
+    cache_dir = location(cache_dir)
     sidecar = cache_dir / shard_stats_name(index)
     try:
         stats = json.loads(sidecar.read_text())
@@ -98,9 +82,11 @@ def read_shard_stats(cache_dir: Path, index: int) -> dict | None:
     return stats
 
 
-def complete_shards(cache_dir: Path) -> dict[int, dict]:
-    """All complete shards in the directory, by index."""
-    cache_dir = Path(cache_dir)
+def complete_shards(cache_dir: Path, known: dict[int, dict] | None = None) -> dict[int, dict]:
+    """All complete shards in the directory (or bucket prefix), by index. `known`: shards already
+    found complete in this run, not read again (a sidecar never changes once written; in a bucket
+    each read is a request)."""
+    cache_dir = location(cache_dir)
     out = {}
     prefix, suffix = SHARD_PATTERN.split("{")[0], ".parquet"
     for path in sorted((cache_dir / SHARD_DIR).glob(f"{prefix}*{suffix}")):
@@ -108,13 +94,14 @@ def complete_shards(cache_dir: Path) -> dict[int, dict]:
             index = int(path.name[len(prefix):-len(suffix)])
         except ValueError:
             continue
-        stats = read_shard_stats(cache_dir, index)
+        stats = known[index] if known and index in known else read_shard_stats(cache_dir, index)
         if stats is not None:
             out[index] = stats
     return out
 
 
-def remove_partial_files(cache_dir: Path) -> None:
+def remove_partial_files(cache_dir: Path | ObjectPath) -> None:
     """Delete temp files a killed writer left behind (they never become shards)."""
-    for tmp in list(Path(cache_dir).glob(".*.tmp-*")) + list((Path(cache_dir) / SHARD_DIR).glob(".*.tmp-*")):
-        tmp.unlink(missing_ok=True)
+    cache_dir = location(cache_dir)
+    remove_temp_files(cache_dir)
+    remove_temp_files(cache_dir / SHARD_DIR)

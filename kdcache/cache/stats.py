@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schema as S
-from .manifest import read_manifest, resolve_inside
+from .manifest import read_manifest_view, resolve_inside
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 from .storage import location
 
@@ -36,12 +36,11 @@ def cache_stats(cache_dir: Path) -> dict:
     (`mean_stored_mass`). The teacher's top-1 is its first stored id (for `sample` caches, the most
     probable id drawn)."""
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
-    manifest = read_manifest(cache_dir)
-    targets = S.targets_of(manifest)
-    kind, k = targets["kind"], targets["k"]
+    manifest = read_manifest_view(cache_dir)
+    kind, k = manifest.target_kind, manifest.k
     columns = list(S.soft_target_columns(kind)) + [S.LABELS]
     head_mass, stored_mass, entries, positions, labelled, correct = 0.0, 0.0, 0, 0, 0, 0
-    shards = manifest.get("shards", [])
+    shards = manifest.shards
     paths = [resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file") for i, entry in enumerate(shards)]
     for entry, path in zip(shards, paths):
         for _, t in _row_groups(cache_dir, entry, path, columns):
@@ -67,26 +66,26 @@ def cache_stats(cache_dir: Path) -> dict:
             known = labels >= 0
             labelled += int(known.sum())
             correct += int((top1[known] == labels[known]).sum())
-    totals = manifest.get("totals", {})
+    totals = manifest.raw.get("totals", {})
     bytes_ = totals.get("bytes", 0)
-    teacher = manifest.get("teacher", {})
+    teacher = manifest.teacher
     mean = (lambda x: round(x / positions, 6) if positions else None)  # noqa: E731
     return {
         "cache": str(cache_dir),
-        "format_version": manifest.get("format_version"),
-        "task": manifest["task"],
+        "format_version": manifest.raw.get("format_version"),
+        "task": manifest.task,
         "teacher": teacher.get("source"),
         "teacher_architecture": teacher.get("architecture"),
-        "complete": manifest.get("complete", False),
-        "shards": f"{len(manifest.get('shards', []))}/{manifest.get('num_shards')}",
+        "complete": manifest.complete,
+        "shards": f"{len(manifest.shards)}/{manifest.num_shards}",
         "rows": totals.get("rows", 0),
         "positions": positions,
         "targets": kind,
         "k": k,
-        "samples": targets["samples"] or None,
-        "target_vocab_size": manifest.get("target_vocab_size"),
-        "dtype": manifest.get("dtype"),
-        "max_length": manifest.get("max_length"),
+        "samples": manifest.samples or None,
+        "target_vocab_size": manifest.target_vocab_size,
+        "dtype": manifest.raw.get("dtype"),
+        "max_length": manifest.max_length,
         "bytes": bytes_,
         "bytes_per_position": round(bytes_ / positions, 2) if positions else None,
         "mean_ids_per_position": round(entries / positions, 3) if positions else None,

@@ -12,6 +12,7 @@ on disk (the tokenizer) are copied once per process by `local_dir`.
 """
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 import re
 import tempfile
@@ -67,6 +68,9 @@ class ObjectPath:
     def __hash__(self) -> int:
         return hash(str(self))
 
+    def __lt__(self, other: ObjectPath) -> bool:  # sorted() of listings, as for pathlib
+        return str(self) < str(other)
+
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
@@ -107,6 +111,48 @@ class ObjectPath:
     def open_input(self):
         """A random-access pyarrow file."""
         return self.filesystem.open_input_file(self.path)
+
+    # Writing (dump-logits --out s3://...). An object appears only once its upload completes, so
+    # a killed writer never leaves a half object under the final name (files.py relies on it).
+
+    def iterdir(self):
+        """The objects and sub-prefixes directly under this prefix."""
+        try:
+            infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except OSError as e:
+            raise KdcacheError(f"cannot list {self} ({str(e).splitlines()[0]}); check the endpoint "
+                               "(AWS_ENDPOINT_URL), the credentials and the bucket name") from None
+        return [ObjectPath(self.filesystem, info.path, self.scheme) for info in infos]
+
+    def glob(self, pattern: str):
+        """Direct children whose name matches `pattern` (no '/' or '**' in patterns)."""
+        return sorted(p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: a prefix exists once an object lies under it."""
+
+    def write_bytes(self, data: bytes) -> None:
+        with self.filesystem.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.filesystem.delete_file(self.path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def remove_tree(self) -> None:
+        """Delete every object under this prefix (nothing when there is none)."""
+        try:
+            self.filesystem.delete_dir(self.path)
+        except FileNotFoundError:
+            pass
+
+    def upload_from(self, folder: Path) -> None:
+        """Copy the local folder's files under this prefix."""
+        for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            (self / file.relative_to(folder).as_posix()).write_bytes(file.read_bytes())
 
     def copy_to(self, dest: Path) -> Path:
         """Copy this folder's objects into the local folder `dest`."""

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import KdcacheError
 from .collate import DecodedRows, collate
-from .manifest import read_manifest, resolve_inside
+from .manifest import CacheManifest, read_manifest_view, resolve_inside
 from .partition import Geometry, Stage, group_order, window_order
 from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
@@ -55,9 +55,13 @@ class OpenCache:
     """A cache whose manifest and shard list were checked: every listed shard is there, with
     the size the manifest records, a readable Parquet footer, the row count and the schema."""
     dir: Path | ObjectPath
-    manifest: dict
+    view: CacheManifest  # the typed manifest; .manifest is its raw dict
     shard_paths: list[Path | ObjectPath]
     row_groups: list[RowGroup]
+
+    @property
+    def manifest(self) -> dict:
+        return self.view.raw
 
     @property
     def num_rows(self) -> int:
@@ -65,42 +69,40 @@ class OpenCache:
 
     @property
     def task(self) -> str:
-        return self.manifest["task"]
+        return self.view.task
 
     @property
     def k(self) -> int:
-        return int(self.manifest["k"])
+        return self.view.k
 
     @property
     def pad_id(self) -> int:
-        pad = (self.manifest.get("special_token_ids") or {}).get("pad")
-        return 0 if pad is None else int(pad)
+        return self.view.pad_id
 
     @property
     def tokenizer_dir(self) -> Path:
         # On local disk: the Hugging Face loaders read folders (copied once from a bucket).
-        return local_dir(resolve_inside(self.dir, (self.manifest.get("tokenizer") or {}).get("dir", "tokenizer"),
-                                        "tokenizer.dir"))
+        return local_dir(resolve_inside(self.dir, self.view.tokenizer_dir, "tokenizer.dir"))
 
     @property
     def has_token_type_ids(self) -> bool:
-        return bool(self.manifest.get("token_type_ids"))
+        return self.view.token_type_ids
 
 
 def open_cache(cache_dir: str | Path) -> OpenCache:
     """Check a cache before training on it; every problem is a one-line KdcacheError."""
     cache_dir = location(cache_dir)
-    manifest = read_manifest(cache_dir)
-    shards = sorted(manifest.get("shards") or [], key=lambda s: s["index"])
-    if not manifest.get("complete", False):
+    manifest = read_manifest_view(cache_dir)
+    shards = manifest.shards
+    if not manifest.complete:
         raise KdcacheError(
-            f"cache {cache_dir} is incomplete ({len(shards)} of {manifest.get('num_shards', '?')} shards written); "
+            f"cache {cache_dir} is incomplete ({len(shards)} of {manifest.num_shards or '?'} shards written); "
             "finish it by re-running the same `kdcache dump-logits` command")
     if not shards:
         raise KdcacheError(f"cache {cache_dir} lists no shards; re-create it with `kdcache dump-logits`")
-    expected = schema_for_manifest(manifest)
+    expected = schema_for_manifest(manifest.raw)
     paths, groups = [], []
-    resolve_inside(cache_dir, (manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
+    resolve_inside(cache_dir, manifest.tokenizer_dir, "tokenizer.dir")
     for i, shard in enumerate(shards):
         path = resolve_inside(cache_dir, shard.get("file"), f"shards[{i}].file")
         fix = f"re-run the dump-logits command that made it (it rewrites missing shards) or `kdcache verify {cache_dir}`"
@@ -183,7 +185,7 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
-            cols += list(soft_target_columns(targets_of(self.cache.manifest)["kind"]))
+            cols += list(soft_target_columns(self.cache.view.target_kind))
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)
         return cols
@@ -204,7 +206,7 @@ class CacheStream(IterableDataset):
             # One thread: a stream runs inside a DataLoader worker, and Arrow's pool only adds contention.
             table = self._files[group.shard].read_row_group(group.group, columns=self._columns(), use_threads=False)
         except READ_ERRORS as e:  # a page CRC mismatch, or a flip that broke decoding first
-            entry = sorted(self.cache.manifest["shards"], key=lambda s: s["index"])[group.shard]
+            entry = self.cache.view.shards[group.shard]
             raise corrupt_shard_error(self.cache.dir, entry, e) from None
         self._last_group = (index, table)
         return table

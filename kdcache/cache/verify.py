@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 
 from ..errors import KdcacheError
 from . import schema as S
-from .manifest import read_manifest, resolve_inside
+from .manifest import CacheManifest, read_manifest_view, resolve_inside, view
 from .storage import location, open_input
-from .shards import file_sha256
+from .files import file_sha256
 
 
 def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
@@ -33,7 +33,7 @@ def _check_logprobs(logprobs: np.ndarray, what: str) -> str | None:
     return None
 
 
-def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.ndarray | None,
+def check_samples(table: pa.Table, manifest: CacheManifest, topk_ids: np.ndarray | None,
                   n_pos: np.ndarray) -> str | None:
     """The sampled columns: each row's sample_lengths add up to its entries in all three, counts >= 1
     summing to N per position, distinct ids per position (and none of the top-k head's), ids in range, log-probs finite and <= 0."""
@@ -44,17 +44,17 @@ def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.n
             return f"{name} does not have sum(sample_lengths) entries in every row"
     ids = _flat(table.column(S.SAMPLE_IDS), 1).astype(np.int64)
     counts = _flat(table.column(S.SAMPLE_COUNTS), 1).astype(np.int64)
-    if ids.size and int(ids.max()) >= manifest["target_vocab_size"]:
-        return f"sampled id {int(ids.max())} >= target_vocab_size {manifest['target_vocab_size']}"
+    if ids.size and int(ids.max()) >= manifest.target_vocab_size:
+        return f"sampled id {int(ids.max())} >= target_vocab_size {manifest.target_vocab_size}"
     if counts.size and int(counts.min()) < 1:
         return "a sampled id has draw count 0"
     position = np.repeat(np.arange(len(entries)), entries)
     sums = np.bincount(position, weights=counts, minlength=len(entries))
     # top-k+sample: a position whose teacher puts no (float64) probability outside the top-k has no tail to draw.
-    ok = (sums == targets["samples"]) | ((sums == 0) & (targets["kind"] == S.TOP_K_SAMPLE))
+    ok = (sums == manifest.samples) | ((sums == 0) & (manifest.target_kind == S.TOP_K_SAMPLE))
     if len(entries) and not np.all(ok):
         bad = int(np.argmax(~ok))
-        return f"draw counts sum to {int(sums[bad])} at a position, not samples = {targets['samples']}"
+        return f"draw counts sum to {int(sums[bad])} at a position, not samples = {manifest.samples}"
     # Distinct per position: sort (position, id) pairs and look for equal neighbours.
     order = np.lexsort((ids, position))
     pairs_p, pairs_i = position[order], ids[order]
@@ -65,8 +65,9 @@ def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.n
     return _check_logprobs(_flat(table.column(S.SAMPLE_LOGPROBS), 1), "sampled")
 
 
-def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
+def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) -> str | None:
     """Why this shard is bad, in a few words; None when it is fine."""
+    manifest = view(manifest)
     path = location(cache_dir) / entry["file"]  # confined by verify_cache before
     if not path.is_file():
         return "file is missing"
@@ -78,7 +79,7 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
         table = pq.read_table(open_input(path), page_checksum_verification=True)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad shard
         return f"unreadable Parquet ({type(e).__name__})"
-    expected = S.schema_for_manifest(manifest)
+    expected = S.schema_for_manifest(manifest.raw)
     if not table.schema.remove_metadata().equals(expected.remove_metadata()):
         return f"schema differs from the manifest's: {table.schema.remove_metadata()} vs {expected.remove_metadata()}"
     if table.num_rows != entry["rows"]:
@@ -86,29 +87,29 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
     n_pos = pc.list_value_length(table.column(S.POSITIONS)).to_numpy(zero_copy_only=False)
     if int(n_pos.sum()) != entry["positions"]:
         return f"{int(n_pos.sum())} positions, manifest says {entry['positions']}"
-    targets = S.targets_of(manifest)
-    per_position = [c for c in S.soft_target_columns(targets["kind"]) if c not in S.SAMPLE_ENTRY_COLUMNS]
+    kind = manifest.target_kind
+    per_position = [c for c in S.soft_target_columns(kind) if c not in S.SAMPLE_ENTRY_COLUMNS]
     for col in per_position + [S.LABELS]:
         if not np.array_equal(pc.list_value_length(table.column(col)).to_numpy(zero_copy_only=False), n_pos):
             return f"{col} does not have one entry per position"
     input_ids = _flat(table.column(S.INPUT_IDS), 1)
-    if input_ids.size and int(input_ids.max()) >= manifest["vocab_size"]:
-        return f"input id {int(input_ids.max())} >= vocab_size {manifest['vocab_size']}"
+    if input_ids.size and int(input_ids.max()) >= manifest.vocab_size:
+        return f"input id {int(input_ids.max())} >= vocab_size {manifest.vocab_size}"
     topk_ids = None
-    if S.has_topk(targets["kind"]):
+    if S.has_topk(kind):
         topk_ids = _flat(table.column(S.TOPK_IDS), 2)
-        if topk_ids.size and int(topk_ids.max()) >= manifest["target_vocab_size"]:
-            return f"top-k id {int(topk_ids.max())} >= target_vocab_size {manifest['target_vocab_size']}"
+        if topk_ids.size and int(topk_ids.max()) >= manifest.target_vocab_size:
+            return f"top-k id {int(topk_ids.max())} >= target_vocab_size {manifest.target_vocab_size}"
         problem = _check_logprobs(_flat(table.column(S.TOPK_LOGPROBS), 2), "top-k")
         if problem:
             return problem
-        k = targets["k"]
+        k = manifest.k
         logprobs = _flat(table.column(S.TOPK_LOGPROBS), 2).astype(np.float32)
         if logprobs.size and (np.diff(logprobs.reshape(-1, k), axis=1) > 0).any():
             return "top-k log-probs are not sorted in descending order"
         topk_ids = topk_ids.reshape(-1, k)
-    if S.has_samples(targets["kind"]):
-        problem = check_samples(table, manifest, targets, topk_ids, n_pos)
+    if S.has_samples(kind):
+        problem = check_samples(table, manifest, topk_ids, n_pos)
         if problem:
             return problem
     seq_len = pc.list_value_length(table.column(S.INPUT_IDS)).to_numpy(zero_copy_only=False)
@@ -121,14 +122,14 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
 def verify_cache(cache_dir: Path, progress=None) -> dict:
     """Raise KdcacheError naming the first bad shard; return a small report when all is well."""
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
-    manifest = read_manifest(cache_dir)
-    shards = manifest.get("shards", [])
-    if len(shards) != manifest.get("num_shards"):
-        raise KdcacheError(f"{cache_dir} is incomplete ({len(shards)} of {manifest.get('num_shards')} shards); "
+    manifest = read_manifest_view(cache_dir)
+    shards = manifest.shards
+    if len(shards) != manifest.num_shards:
+        raise KdcacheError(f"{cache_dir} is incomplete ({len(shards)} of {manifest.num_shards} shards); "
                            "re-run the same `kdcache dump-logits` command to finish it")
     for i, entry in enumerate(shards):
         resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file")
-    resolve_inside(cache_dir, (manifest.get("tokenizer") or {}).get("dir", "tokenizer"), "tokenizer.dir")
+    resolve_inside(cache_dir, manifest.tokenizer_dir, "tokenizer.dir")
     for entry in shards:
         problem = check_shard(cache_dir, manifest, entry)
         if problem:
@@ -136,6 +137,6 @@ def verify_cache(cache_dir: Path, progress=None) -> dict:
                                f"delete it and its sidecar and re-run `kdcache dump-logits` to rewrite it")
         if progress is not None:
             progress(entry)
-    if not manifest.get("complete", False):
+    if not manifest.complete:
         raise KdcacheError(f"{cache_dir}: manifest says complete=false; re-run `kdcache dump-logits` to finish it")
-    return {"shards": len(shards), "rows": manifest["totals"]["rows"], "positions": manifest["totals"]["positions"]}
+    return {"shards": len(shards), "rows": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards)}

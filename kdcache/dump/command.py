@@ -5,17 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..cache.storage import is_remote
-from ..errors import KdcacheError
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare.txt"
-
-
-def _local_out(value: str) -> Path:
-    if is_remote(value):
-        raise KdcacheError(f"--out {value}: dump-logits writes to a local or shared folder, not yet to object storage; "
-                           "dump to a folder, upload it (e.g. `aws s3 sync`), and train from the bucket")
-    return Path(value)
 
 
 @click.command("dump-logits", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -23,8 +14,8 @@ def _local_out(value: str) -> Path:
 @click.option("--data", default=str(BUNDLED_CORPUS) if BUNDLED_CORPUS.is_file() else None, required=not BUNDLED_CORPUS.is_file(),
               show_default="bundled Tiny Shakespeare",
               help="Hub dataset name, or local .txt/.jsonl/.json/.csv/.tsv/.parquet file, directory or glob.")
-@click.option("--out", required=True, type=click.Path(), callback=lambda ctx, param, value: _local_out(value),
-              help="Cache directory to create or resume.")
+@click.option("--out", required=True,
+              help="Cache directory to create or resume, or an s3:// (gs://, hdfs://) prefix in a bucket.")
 @click.option("--task", type=click.Choice(["mlm", "clm", "seq-cls"]), default=None,
               help="Force the task; default: detected from the teacher's head.")
 @click.option("--split", default="train", show_default=True, help="Dataset split to read.")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import codecs
 import csv
 import glob as globlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache.files import files_sha256
 from ..errors import KdcacheError
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
@@ -129,17 +129,6 @@ def _load_hub(data: str, split: str):
                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); check the name and --split") from None
 
 
-def _files_sha256(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in files:
-        f = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 22):
-                f.update(block)
-        h.update(f"{p.name}:{f.hexdigest()}\n".encode())
-    return h.hexdigest()
-
-
 def load_corpus(data: str, *, split: str = "train", text_column: str = "text", text_pair_column: str | None = None,
                 label_column: str | None = None, limit: int | None = None) -> Corpus:
     files = _local_files(data)
@@ -175,6 +164,6 @@ def load_corpus(data: str, *, split: str = "train", text_column: str = "text", t
         "label_column": label_column, "limit": limit, "num_source_examples": num_source,
         "num_nonempty_examples": len(ds),
         # Content, not just the name: an edited file at the same path is a different corpus.
-        "content_sha256": _files_sha256(files) if files is not None else getattr(ds, "_fingerprint", None),
+        "content_sha256": files_sha256(files) if files is not None else getattr(ds, "_fingerprint", None),
     }
     return Corpus(dataset=ds, description=description, has_pair=bool(text_pair_column), has_label=bool(label_column))

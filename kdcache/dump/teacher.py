@@ -1,13 +1,13 @@
 """Loading the teacher (directory, hub id or .gguf file), detecting its task, fingerprinting it."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.shards import file_sha256
+from ..cache.files import files_sha256, json_sha256
 from ..errors import KdcacheError
+from ..models import auto_class
 
 # Head class name suffix -> task. The suffix is what transformers' Auto classes key on.
 HEAD_SUFFIXES = (("ForMaskedLM", "mlm"), ("ForCausalLM", "clm"), ("ForSequenceClassification", "seq-cls"))
@@ -31,10 +31,6 @@ class Teacher:
     tokenizer_sha256: str = ""
     load_source: str = ""
     load_kwargs: dict = field(default_factory=dict)
-
-
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def resolve_source(teacher: str) -> tuple[str, str | None, Path | None]:
@@ -88,16 +84,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     specials = {name: getattr(tokenizer, name, None) for name in
                 ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")}
-    return _sha256_json({"vocab": vocab, "special": specials, "class": type(tokenizer).__name__})
+    return json_sha256({"vocab": vocab, "special": specials, "class": type(tokenizer).__name__})
 
 
 def config_fingerprint(folder: Path | None, config) -> str:
     if folder is not None and (folder / "config.json").is_file():
-        return _sha256_json(json.loads((folder / "config.json").read_text()))
+        return json_sha256(json.loads((folder / "config.json").read_text()))
     data = config.to_dict()
     data.pop("transformers_version", None)
     data.pop("_name_or_path", None)
-    return _sha256_json(data)
+    return json_sha256(data)
 
 
 def weights_fingerprint(folder: Path | None, gguf_file: str | None) -> str | None:
@@ -108,16 +104,9 @@ def weights_fingerprint(folder: Path | None, gguf_file: str | None) -> str | Non
         p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if not files:
         return None
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.name}:{file_sha256(p)}\n".encode())
-    return h.hexdigest()
+    return files_sha256(files)
 
 
-def _auto_class(task: str):
-    import transformers
-    return {"mlm": transformers.AutoModelForMaskedLM, "clm": transformers.AutoModelForCausalLM,
-            "seq-cls": transformers.AutoModelForSequenceClassification}[task]
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -192,7 +181,7 @@ def config_json(teacher: Teacher) -> bytes:
 def load_model(teacher: Teacher, *, dtype=None, device="cpu") -> None:
     """Load the weights (the slow part), after every cheap check on config, tokenizer and corpus."""
     try:
-        model = _auto_class(teacher.task).from_pretrained(teacher.load_source, dtype=dtype, **teacher.load_kwargs)
+        model = auto_class(teacher.task).from_pretrained(teacher.load_source, dtype=dtype, **teacher.load_kwargs)
     except Exception as e:  # noqa: BLE001
         raise KdcacheError(f"cannot load teacher {teacher.source!r} as a {teacher.task} model: {type(e).__name__}: "
                            f"{(str(e).splitlines() or [''])[0]}; check --task") from None

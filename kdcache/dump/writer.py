@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from ..cache import schema as S
 from ..cache.shards import write_shard
+from ..cache.storage import location
 
 
 def _offsets(lengths) -> pa.Array:
@@ -74,7 +75,7 @@ class ShardWriter:
     """
 
     def __init__(self, cache_dir: Path, arrow_schema: pa.Schema, k: int, on_written=None, threads: int = 1):
-        self.cache_dir, self.schema, self.k, self.on_written = Path(cache_dir), arrow_schema, k, on_written
+        self.cache_dir, self.schema, self.k, self.on_written = location(cache_dir), arrow_schema, k, on_written
         self.queue: queue.Queue = queue.Queue(maxsize=threads)
         self.error: BaseException | None = None
         self.callback_lock = threading.Lock()  # on_written rewrites the manifest: one at a time

@@ -19,13 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from ..cache.files import fsync_file
+
 CHECKPOINT = "checkpoint"
 _TMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -50,13 +47,13 @@ def save(out: Path, dist, *, model, trainer_state: dict, rank_state: dict, meta:
     dist.barrier()
     rank_file = tmp / f"rank{dist.rank}.pt"
     torch.save(rank_state, rank_file)
-    _fsync(rank_file)
+    fsync_file(rank_file)
     if dist.is_main:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         for name in ("model.safetensors", "trainer.pt", "meta.json"):
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
     dist.barrier()
     if dist.is_main:
         final, old = out / CHECKPOINT, out / _OLD

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.collate import move_batch
-from ..cache.schema import targets_of
 from ..cache.stream import CacheStream, open_cache
 from ..errors import KdcacheError
 from .forward import target_hidden
 from .losses import DEFAULT_CHUNK_ELEMENTS, sparse_target_weights
-from .students import auto_class, load_pretrained
+from ..models import auto_class
+from .students import load_pretrained
 
 
 def load_model(model_dir: Path, cache, device):
@@ -39,12 +39,12 @@ def load_model(model_dir: Path, cache, device):
     except (OSError, ValueError) as e:
         raise KdcacheError(f"cannot load a {task} model from {model_dir} ({str(e).splitlines()[0]}); "
                            "pass a directory written by `kdcache train-student` or save_pretrained") from None
-    manifest = cache.manifest
+    manifest = cache.view
     outputs = model.config.num_labels if task == "seq-cls" else model.config.vocab_size
-    want = manifest.get("target_vocab_size") or manifest["vocab_size"]
-    if outputs != want or model.config.vocab_size != manifest["vocab_size"]:
+    want = manifest.target_vocab_size
+    if outputs != want or model.config.vocab_size != manifest.vocab_size:
         raise KdcacheError(f"model {model_dir} has {outputs} outputs / {model.config.vocab_size} input tokens, the "
-                           f"cache {cache.dir} {want} / {manifest['vocab_size']}; evaluate on a cache made with the "
+                           f"cache {cache.dir} {want} / {manifest.vocab_size}; evaluate on a cache made with the "
                            "same tokenizer and task")
     return model.to(device).eval()
 
@@ -82,7 +82,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     lm = task in ("mlm", "clm")
     return {
         "task": task, "model": str(model_dir), "cache": str(cache_dir), "k": cache.k,
-        "targets": targets_of(cache.manifest)["kind"],
+        "targets": cache.view.target_kind,
         "rows": int(s["rows"]), "positions": int(n), "labelled_positions": int(labelled),
         "kl": s["kl"] / n if n else None,
         "top1_agreement": s["agree"] / n if n else None,

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..cache.collate import move_batch
-from ..cache.manifest import atomic_write_json, enclosing_cache
-from ..cache.schema import TOP_K, targets_of
+from ..cache.files import atomic_write_bytes, atomic_write_json
+from ..cache.manifest import enclosing_cache
+from ..cache.schema import TOP_K
 from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
 from ..errors import KdcacheError
@@ -28,7 +29,8 @@ from .. import distributed
 from . import checkpoint
 from .forward import target_hidden, target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
-from .students import Sizes, auto_class, build_student, init_from_teacher, load_pretrained, plan_student
+from ..models import auto_class
+from .students import Sizes, build_student, init_from_teacher, load_pretrained, plan_student
 from .watch import LossWatch
 
 SUMMARY = "train_summary.json"
@@ -148,7 +150,7 @@ def _load_teacher(path: Path, task: str, cache, device):
     except (OSError, ValueError) as e:
         raise KdcacheError(f"--online-teacher {path}: cannot load a {task} model ({str(e).splitlines()[0]}); "
                            "pass the teacher's save_pretrained directory") from None
-    want = cache.manifest.get("target_vocab_size") or cache.manifest["vocab_size"]
+    want = cache.view.target_vocab_size
     have = teacher.config.num_labels if task == "seq-cls" else teacher.config.vocab_size
     if have != want:
         raise KdcacheError(f"--online-teacher {path} has {have} outputs, the cache's teacher {want}; "
@@ -177,14 +179,14 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
     out = Path(cfg.out)
     cache = open_cache(cfg.cache)  # checks every shard before anything is written
     task = cache.task
-    kind = targets_of(cache.manifest)["kind"]
+    kind = cache.view.target_kind
     if cfg.tail == "bucket" and kind != TOP_K and cfg.alpha > 0 and not cfg.online_teacher:
         raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
                            f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
     finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished
-    plan = plan_student(cfg.student, cache.manifest, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
+    plan = plan_student(cfg.student, cache.view, cache_tokenizer_dir=cache.tokenizer_dir, sizes=cfg.sizes,
                         teacher=cfg.teacher, cache_dir=cache.dir)
     if cfg.init_from_teacher and plan.kind == "model":
         raise KdcacheError(f"--init-from-teacher initialises a fresh student; {cfg.student} is a trained model "
@@ -196,7 +198,7 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     device = dist.device
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_student(plan, task)
-    layer_map = init_from_teacher(model, task, cache.manifest, cfg.teacher) if cfg.init_from_teacher else None
+    layer_map = init_from_teacher(model, task, cache.view, cfg.teacher) if cfg.init_from_teacher else None
     model.to(device)
     num_parameters = sum(p.numel() for p in model.parameters())
     teacher = _load_teacher(Path(cfg.online_teacher), task, cache, device) if cfg.online_teacher else None
@@ -383,7 +385,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def _summary(cfg: TrainConfig, plan, identity, num_parameters, step, tokens, seconds, *, done, layer_map) -> dict:

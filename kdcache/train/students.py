@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache.manifest import CacheManifest, view
 from ..errors import KdcacheError
+from ..models import auto_class
 
 PRESET_LAYERS = (2, 4, 6, 8, 10, 12)
 PRESET_HIDDEN = (128, 256, 512, 768)
@@ -24,12 +26,6 @@ _PRESET_RE = re.compile(r"^L(\d+)-H(\d+)$", re.IGNORECASE)
 # llama "layers.3.", gpt2 "h.3.".
 _LAYER_RE = re.compile(r"\.(layer|layers|h|block|blocks)\.(\d+)\.")
 _INTERMEDIATE_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
-
-
-def auto_class(task: str):
-    import transformers
-    return {"mlm": transformers.AutoModelForMaskedLM, "clm": transformers.AutoModelForCausalLM,
-            "seq-cls": transformers.AutoModelForSequenceClassification}[task]
 
 
 @dataclass
@@ -68,24 +64,24 @@ def load_pretrained(cls, path: str | Path, **kwargs):
     return cls.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}), **kwargs)
 
 
-def teacher_source(manifest: dict, override: str | Path | None) -> tuple[str | None, str | None]:
+def teacher_source(manifest: CacheManifest | dict, override: str | Path | None) -> tuple[str | None, str | None]:
     """(folder or hub id, gguf file) of the teacher: --teacher wins over the manifest (whose
     GGUF source is the .gguf file itself)."""
     if override is not None:
         return split_gguf(override)
-    teacher = manifest.get("teacher") or {}
+    teacher = view(manifest).teacher
     source = teacher.get("source")
     return split_gguf(source, teacher.get("gguf_file")) if source else (None, None)
 
 
-def stored_teacher_config(manifest: dict, cache_dir: Path):
+def stored_teacher_config(manifest: CacheManifest | dict, cache_dir: Path):
     """The teacher's config saved inside the cache at dump time; None for caches made before."""
     from transformers import AutoConfig
 
     from ..cache.manifest import resolve_inside
     from ..cache.storage import local_file
 
-    stored = manifest.get("teacher_config")
+    stored = view(manifest).teacher_config
     if not stored:
         return None
     try:
@@ -97,7 +93,7 @@ def stored_teacher_config(manifest: dict, cache_dir: Path):
                            "with `kdcache dump-logits`") from None
 
 
-def teacher_config(manifest: dict, override=None, cache_dir: Path | None = None):
+def teacher_config(manifest: CacheManifest | dict, override=None, cache_dir: Path | None = None):
     """The teacher's config: --teacher if given, else the copy inside the cache (so the same cache
     gives the same student anywhere), else the teacher's directory if reachable (caches made
     before the copy existed), else a default config of its family."""
@@ -115,7 +111,7 @@ def teacher_config(manifest: dict, override=None, cache_dir: Path | None = None)
             if override is not None:
                 raise KdcacheError(f"--teacher {override} is not a loadable model (no usable config.json); "
                                    "pass the teacher's save_pretrained directory") from None
-    model_type = (manifest.get("teacher") or {}).get("model_type")
+    model_type = view(manifest).teacher.get("model_type")
     if not model_type:
         raise KdcacheError("cannot tell the teacher's architecture from the cache manifest; "
                            "pass --teacher DIR, or --student path/to/config.json")
@@ -151,10 +147,10 @@ def _check_shape(config, spec: str) -> None:
                            f"attention heads {heads} (and layers {layers} >= 1); adjust --hidden/--heads/--layers")
 
 
-def _cache_vocab_check(manifest: dict, vocab_size: int | None, where: str) -> None:
-    if vocab_size is not None and int(vocab_size) != int(manifest["vocab_size"]):
+def _cache_vocab_check(manifest: CacheManifest, vocab_size: int | None, where: str) -> None:
+    if vocab_size is not None and int(vocab_size) != manifest.vocab_size:
         raise KdcacheError(f"{where} has a vocabulary of {vocab_size} tokens but the cache's tokenizer has "
-                           f"{manifest['vocab_size']}; a student must share the cache's vocabulary (use a preset, "
+                           f"{manifest.vocab_size}; a student must share the cache's vocabulary (use a preset, "
                            "or a config/model built for this tokenizer)")
 
 
@@ -172,11 +168,12 @@ def _tokenizer_vocab_check(model_dir: Path, cache_tokenizer_dir: Path) -> None:
                            "a student must share the cache's vocabulary")
 
 
-def plan_student(spec: str, manifest: dict, *, cache_tokenizer_dir: Path, sizes: Sizes | None = None,
+def plan_student(spec: str, manifest: CacheManifest | dict, *, cache_tokenizer_dir: Path, sizes: Sizes | None = None,
                  teacher=None, cache_dir: Path | None = None) -> StudentPlan:
     """Resolve --student SPEC (+ size overrides) against the cache."""
     from transformers import AutoConfig
 
+    manifest = view(manifest)
     sizes = sizes or Sizes()
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
@@ -219,21 +216,21 @@ def plan_student(spec: str, manifest: dict, *, cache_tokenizer_dir: Path, sizes:
     return plan
 
 
-def _fit_to_cache(config, manifest: dict) -> None:
+def _fit_to_cache(config, manifest: CacheManifest) -> None:
     """Vocabulary, special tokens, labels and length from the cache, never from the teacher."""
-    config.vocab_size = int(manifest["vocab_size"])
-    special = manifest.get("special_token_ids") or {}
+    config.vocab_size = manifest.vocab_size
+    special = manifest.special_token_ids
     for name in ("pad", "bos", "eos", "sep", "cls"):
         attr = f"{name}_token_id"
         if special.get(name) is not None and (hasattr(config, attr) or name == "pad"):
             setattr(config, attr, int(special[name]))
-    if manifest["task"] == "seq-cls":
-        id2label = {int(i): str(l) for i, l in (manifest.get("id2label") or {}).items()}
-        num_labels = int(manifest.get("num_labels") or manifest.get("target_vocab_size"))
+    if manifest.task == "seq-cls":
+        id2label = dict(manifest.id2label)
+        num_labels = manifest.num_labels or manifest.target_vocab_size
         config.num_labels = num_labels
         config.id2label = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
         config.label2id = {l: i for i, l in config.id2label.items()}
-    max_length = int(manifest.get("max_length") or 0)
+    max_length = manifest.max_length
     if getattr(config, "max_position_embeddings", None) is not None and config.max_position_embeddings < max_length:
         config.max_position_embeddings = max_length
     for attr in ("architectures", "_name_or_path"):
@@ -262,7 +259,7 @@ def teacher_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [int(i) for i in np.linspace(0, teacher_layers - 1, student_layers).round()]
 
 
-def init_from_teacher(student, task: str, manifest: dict, teacher=None) -> list[int]:
+def init_from_teacher(student, task: str, manifest: CacheManifest | dict, teacher=None) -> list[int]:
     """DistilBERT's initialisation: copy embeddings, heads and evenly spaced teacher layers.
     Returns the teacher layer copied into each student layer."""
     import torch

@@ -1,0 +1,82 @@
+"""Writing shards into a bucket vs onto local disk, side by side in one run: positions per second the
+dump's ShardWriter sustains (Arrow build + Parquet/zstd + sha256, then fsync+rename locally, or one
+whole-object upload and a sidecar object to the bucket).
+
+The bucket is moto's S3 server on 127.0.0.1 (a Python process): it measures what going through
+pyarrow's S3 filesystem costs kdcache's writer, not S3's own throughput. --latency-ms puts
+bucket_loader.py's proxy in front, which delays every 64 KiB chunk, not each request: a shard of
+~10 MB then waits seconds, so it is off by default (a real store's round trip is paid once per part). Synthetic CLM rows as in dump_writer.py (k = 64, 512 positions per row). The
+writer runs in the background of the teacher, so the figure that matters is whether the bucket
+writer stays above the teacher's rate. Runs alternate so all see the same machine.
+
+    python benchmarks/bucket_dump.py [--shards 3] [--rows 128] [--repeats 3] [--latency-ms 0]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+
+import pyarrow.fs as pafs
+
+from bucket_loader import LatencyProxy
+from dump_writer import synthetic_shard
+from train_common import command_line
+
+
+def positions_per_second(out, shard, shards: int, schema, k: int) -> float:
+    from kdcache.dump.writer import ShardWriter
+    writer = ShardWriter(out, schema, k, threads=1)
+    start = time.perf_counter()
+    for index in range(shards):
+        writer.submit(index, shard)
+    writer.close()
+    return sum(len(r[0].positions) for r in shard) * shards / (time.perf_counter() - start)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=128, help="rows of 512 positions per shard")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="added to each 64 KiB chunk (0: none)")
+    args = ap.parse_args()
+    from moto.server import ThreadedMotoServer
+
+    from kdcache.cache.schema import arrow_schema
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    if args.latency_ms:
+        port = LatencyProxy((host, port), args.latency_ms / 1000).port
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=endpoint,
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        k, length, vocab = 64, 512, 49152
+        schema = arrow_schema(k=k, vocab_size=vocab, max_length=length)
+        shard = synthetic_shard(args.rows, length, k, vocab)
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("bench")
+        print(f"# {command_line()}")
+        rates = {"local disk": [], "bucket": []}
+        for run in range(args.repeats):
+            rates["local disk"].append(positions_per_second(tempfile.mkdtemp(), shard, args.shards, schema, k))
+            rates["bucket"].append(positions_per_second(f"s3://bench/run{run}", shard, args.shards, schema, k))
+        base = statistics.median(rates["local disk"])
+        print(f"| destination (bucket: moto on 127.0.0.1, +{args.latency_ms:g} ms per request) | writer positions/s "
+              f"(1 thread, k = {k}, {args.shards} shards x {args.rows * length:,} positions, median of "
+              f"{args.repeats}) | vs local |")
+        print("|---|---:|---:|")
+        for name, values in rates.items():
+            print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f}x |")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""`dump-logits` options, and every check on them made before anything is written."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cache import schema as S
+from ..distributed import ProcessGroup
+from ..errors import KdcacheError
+from .corpus import load_corpus
+from .teacher import load_model, load_teacher
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_TOKENS_PER_BATCH = 8192
+# Draws per position for the sampled target kinds (Anshumann et al. 2025 report near-full-KD
+# quality at ~12 unique tokens per position; 16 draws give ~6-12 distinct ids on an LM teacher).
+DEFAULT_SAMPLES = 16
+
+
+@dataclass
+class DumpOptions:
+    teacher: str
+    data: str
+    out: str | Path  # a local folder, or an s3:// (gs://, hdfs://) prefix
+    task: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_length: int | None = None
+    packing: bool | None = None
+    mlm_probability: float = 0.15
+    mask_copies: int = 1
+    top_k: int = 64
+    targets: str = S.TOP_K
+    samples: int = DEFAULT_SAMPLES
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int | None = None
+    max_tokens_per_batch: int | None = None
+    shard_rows: int = 4096
+    seed: int = 0
+    limit: int | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+    echo: object = print
+
+
+@dataclass
+class DumpResult:
+    manifest: dict | None
+    rows: int
+    positions: int
+    num_shards: int
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    summary: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str, dist: ProcessGroup) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise KdcacheError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdcacheError(f"--device {device} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return dtype
+
+
+def validate(opts: DumpOptions, dist: ProcessGroup):
+    """Everything that can be wrong with the inputs, checked before anything is written."""
+    if opts.targets not in S.TARGET_KINDS:
+        raise KdcacheError(f"--targets {opts.targets!r} is not a target kind; use one of {', '.join(S.TARGET_KINDS)}")
+    if opts.top_k < 1:
+        raise KdcacheError(f"--top-k must be >= 1, got {opts.top_k}")
+    if S.has_samples(opts.targets) and not 1 <= opts.samples <= 65535:
+        raise KdcacheError(f"--samples must be within 1..65535 for --targets {opts.targets}, got {opts.samples}")
+    if opts.shard_rows < 1:
+        raise KdcacheError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
+    if opts.mask_copies < 1:
+        raise KdcacheError(f"--mask-copies must be >= 1, got {opts.mask_copies}")
+    if not 0 < opts.mlm_probability < 1:
+        raise KdcacheError(f"--mlm-probability must be in (0, 1), got {opts.mlm_probability}")
+    if opts.limit is not None and opts.limit < 1:
+        raise KdcacheError(f"--limit must be >= 1, got {opts.limit}")
+    # Explicit zeros are mistakes, not "use the default" (`or` below would swallow them).
+    for option, value, least in (("--max-length", opts.max_length, 2), ("--batch-size", opts.batch_size, 1),
+                                 ("--max-tokens-per-batch", opts.max_tokens_per_batch, 1)):
+        if value is not None and value < least:
+            raise KdcacheError(f"{option} must be >= {least}, got {value}; leave it out for the default")
+    device = resolve_device(opts.device, dist)
+    dtype = resolve_dtype(opts.dtype, device)
+    teacher = load_teacher(opts.teacher, task=opts.task, trust_remote_code=opts.trust_remote_code, load_weights=False)
+    task = teacher.task
+    if task == "seq-cls":
+        if opts.targets != S.TOP_K:
+            raise KdcacheError(f"--targets {opts.targets} is for LM teachers; a sequence-classification cache "
+                               "already stores every class exactly: drop --targets (or pass --targets top-k)")
+        k = teacher.target_vocab_size  # the whole label set: classification targets are tiny
+        packing = None
+    else:
+        if opts.top_k > teacher.target_vocab_size:
+            raise KdcacheError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary of {teacher.target_vocab_size}; "
+                               f"pass --top-k {teacher.target_vocab_size} or less")
+        k = 0 if opts.targets == S.SAMPLE else opts.top_k
+        if opts.targets == S.TOP_K_SAMPLE and k >= teacher.target_vocab_size:
+            raise KdcacheError(f"--targets top-k+sample with --top-k {k} leaves no tail of the teacher's "
+                               f"{teacher.target_vocab_size} outputs to sample; pass a smaller --top-k or --targets top-k")
+        packing = True if opts.packing is None else opts.packing
+        if opts.text_pair_column:
+            raise KdcacheError("--text-pair-column is for sequence-pair classification teachers (--task seq-cls)")
+        if opts.label_column:
+            raise KdcacheError("--label-column is for classification teachers; LM labels are the tokens themselves")
+    limit = teacher.max_positions
+    max_length = opts.max_length or min(limit or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if limit is not None and max_length > limit:
+        raise KdcacheError(f"--max-length {max_length} is beyond the teacher's limit of {limit} positions; "
+                           f"pass --max-length {limit} or less")
+    if max_length < 2:
+        raise KdcacheError(f"--max-length must be >= 2, got {max_length}")
+    corpus = load_corpus(opts.data, split=opts.split, text_column=opts.text_column,
+                         text_pair_column=opts.text_pair_column, label_column=opts.label_column, limit=opts.limit)
+    if not opts.dry_run:
+        load_model(teacher, dtype=DTYPES[dtype], device=device)
+        if task != "seq-cls" and k > teacher.target_vocab_size:
+            raise KdcacheError(f"--top-k {k} exceeds the teacher's output size {teacher.target_vocab_size}")
+    return device, dtype, teacher, corpus, task, k, packing, max_length

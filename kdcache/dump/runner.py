@@ -1,0 +1,142 @@
+"""The forward loop: batches of a shard through the teacher, one batch in flight, to host-side targets."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..cache import schema as S
+from ..errors import KdcacheError
+from .targets import sampled_targets, topk_targets
+
+
+class TeacherRunner:
+    """Pads a batch on the right, runs the teacher, returns host-side soft targets per row.
+
+    Right padding keeps default position ids correct for every architecture.
+    kind/samples/seed: the target kind (top-k, sample, top-k+sample), draws per position and the
+    seed the draws are keyed by (with each target's example id and position).
+    """
+
+    def __init__(self, teacher, task: str, k: int, device: torch.device, pad_id: int, *,
+                 kind: str = S.TOP_K, samples: int = 0, seed: int = 0):
+        self.model, self.task, self.k, self.device, self.pad_id = teacher.model, task, k, device, pad_id
+        self.kind, self.samples, self.seed = kind, samples, seed
+        self.pin = device.type == "cuda"
+
+    def collate(self, rows) -> dict:
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        tt = torch.zeros((len(rows), width), dtype=torch.long) if rows[0].token_type_ids is not None else None
+        for i, r in enumerate(rows):
+            ids[i, :len(r.input_ids)] = torch.from_numpy(r.input_ids)
+            mask[i, :len(r.input_ids)] = 1
+            if tt is not None:
+                tt[i, :len(r.input_ids)] = torch.from_numpy(r.token_type_ids)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if tt is not None:
+            batch["token_type_ids"] = tt
+        if self.pin:
+            batch = {key: v.pin_memory() for key, v in batch.items()}
+        return {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        kwargs = {"use_cache": False} if self.task == "clm" else {}
+        with torch.inference_mode():
+            return self.model(**batch, **kwargs).logits
+
+    def device_targets(self, logits, b, p, e) -> tuple:
+        """(top-k ids, top-k log-probs, finite flags, [sampled ids, log-probs, counts] or None) for the
+        targets at rows b, positions p (example ids e), computed on the teacher's device."""
+        if self.kind == S.TOP_K:
+            return (*topk_targets(logits, b, p, self.k), None)
+        drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
+                                head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
+        # Counts fit 16 bits for any N the CLI allows below 2^15: half the bytes to copy to the host.
+        counts = drawn["counts"].to(torch.int16) if self.samples < 2**15 else drawn["counts"]
+        return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], drawn["logprobs"], counts]
+
+    def launch(self, rows) -> tuple:
+        """Queue the forward and top-k of one batch; on CUDA this returns before the GPU is done,
+        so the host can prepare the next batch meanwhile (finish() waits)."""
+        batch = self.collate(rows)
+        logits = self.forward(batch)
+        with torch.inference_mode():
+            if self.task == "seq-cls":
+                ids, values, finite = topk_targets(logits, None, None, self.k)  # every class, exactly
+                sampled = None
+                counts = [1] * len(rows)
+            else:
+                counts = [len(r.positions) for r in rows]
+                b = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
+                p = torch.from_numpy(np.concatenate([r.positions for r in rows]))
+                e = torch.repeat_interleave(torch.tensor([r.example_id for r in rows], dtype=torch.long), torch.tensor(counts))
+                if self.pin:
+                    b, p, e = b.pin_memory(), p.pin_memory(), e.pin_memory()
+                b, p, e = (t.to(self.device, non_blocking=True) for t in (b, p, e))
+                ids, values, finite, sampled = self.device_targets(logits, b, p, e)
+            del logits  # the full-vocabulary logits stay on the device and are freed here
+            host = [t.to("cpu", non_blocking=self.pin) if t is not None else None for t in (ids, values, finite)]
+            if sampled is not None:
+                host.append([t.to("cpu", non_blocking=self.pin) for t in sampled])
+        event = None
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+        return rows, counts, host, event
+
+    @staticmethod
+    def finish(pending) -> tuple[list, list[int]]:
+        """[(row, topk_ids, topk_logprobs[, samples])] and the example ids whose outputs were not finite.
+
+        samples (sampled kinds): (entries per position, ids, log-probs, counts), flat over the row's
+        positions in order; topk_ids/topk_logprobs are None for the `sample` kind."""
+        rows, counts, host, event = pending
+        if event is not None:
+            event.synchronize()
+        ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
+        samples = None
+        if len(host) > 3:
+            s_ids, s_lp, s_counts = (t.numpy() for t in host[3])
+            present = s_counts > 0  # entries packed to the left, empty slots count 0
+            lengths = present.sum(1)
+            flat = (s_ids[present], s_lp[present], s_counts[present])
+            entry_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        out, bad, start = [], [], 0
+        for r, n in zip(rows, counts):
+            stop = start + n
+            result = (r, None if ids is None else ids[start:stop], None if values is None else values[start:stop])
+            if len(host) > 3:
+                a, b = entry_offsets[start], entry_offsets[stop]
+                result += ((lengths[start:stop],) + tuple(f[a:b] for f in flat),)
+            out.append(result)
+            if not finite[start:stop].all():
+                bad.append(r.example_id)
+            start = stop
+        return out, bad
+
+    def __call__(self, rows) -> tuple[list, list[int]]:
+        return self.finish(self.launch(rows))
+
+
+def forward_shard(runner: TeacherRunner, rows: list, batches: list, *, shard: int, dtype: str, on_tokens=None) -> list:
+    """Every row of one shard through the teacher: [(row, ids, log-probs[, samples])].
+
+    One batch in flight: batch t+1 is launched before t is collected (overlaps host work with the
+    GPU). on_tokens(n) is told the real tokens of each finished batch."""
+    results = []
+    pending = None
+    for batch in batches + [None]:
+        launched = runner.launch([rows[i] for i in batch]) if batch is not None else None
+        if pending is not None:
+            got, bad = runner.finish(pending)
+            if bad:
+                raise KdcacheError(
+                    f"the teacher produced NaN/inf logits for example ids {', '.join(map(str, bad[:10]))}"
+                    f"{' ...' if len(bad) > 10 else ''} (shard {shard}, dtype {dtype}); "
+                    "fp16 overflows are common: re-run with --dtype bf16 or --dtype fp32 (completed shards are kept)")
+            results.extend(got)
+            if on_tokens is not None:
+                on_tokens(sum(len(r.input_ids) for r in pending[0]))
+        pending = launched
+    return results

@@ -1,0 +1,67 @@
+"""What a dump reports: the progress bar, the closing summary, and the dry run's estimate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cache import schema as S
+from ..distributed import ProcessGroup
+from .options import DumpResult
+from .rows import RowPlan
+
+
+def make_bar(total: int, progress: bool, dist: ProcessGroup):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="dump-logits" if dist.world == 1 else f"dump-logits rank {dist.rank}",
+                position=dist.rank, dynamic_ncols=True, smoothing=0.1)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def summarize(manifest: dict, run_info: dict, out: Path) -> str:
+    t = manifest["totals"]
+    per_pos = t["bytes"] / t["positions"] if t["positions"] else 0.0
+    state = "complete" if manifest["complete"] else f"INCOMPLETE ({len(manifest['shards'])}/{manifest['num_shards']} shards; re-run to finish)"
+    return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions ({S.describe_targets(manifest)}, {manifest['task']}) "
+            f"in {manifest['num_shards']} shards to {out}: {human_bytes(t['bytes'])} on disk, {per_pos:.1f} bytes per position; "
+            f"this run processed {run_info['real_tokens']:,} tokens in {run_info['seconds']:.1f} s "
+            f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}.")
+
+
+def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
+    """Tokenize and mask everything, count, estimate size; the teacher never runs."""
+    rows = positions = tokens = 0
+    for shard in range(plan.num_shards):
+        for r in plan.rows(shard):
+            rows += 1
+            positions += len(r.positions)
+            tokens += len(r.input_ids)
+    target_type = S.id_type(manifest["target_vocab_size"])
+    id_bytes = target_type.bit_width // 8
+    tok_bytes = arrow_schema.field(S.INPUT_IDS).type.value_type.bit_width // 8
+    pos_bytes = arrow_schema.field(S.POSITIONS).type.value_type.bit_width // 8
+    targets = S.targets_of(manifest)
+    k, draws = targets["k"], targets["samples"]
+    per_position = k * (id_bytes + 2) + pos_bytes + 4
+    if draws:
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
+        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
+        count_bytes = S.smallest_uint(draws).bit_width // 8
+        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + count_bytes
+    estimate = positions * per_position + tokens * tok_bytes + rows * 8
+    bound = " at most" if draws else ""
+    summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "
+               f"estimated cache size{bound} {human_bytes(estimate)} before compression "
+               f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {S.describe_targets(manifest)}"
+               f"{'; every draw counted as a distinct id' if draws else ''}; zstd usually saves a little on log-probs, "
+               "more on ids); the teacher was not run.")
+    echo(summary)
+    return DumpResult(None, rows, positions, plan.num_shards, real_tokens=tokens, summary=summary,
+                      extra={"estimated_bytes": estimate})
