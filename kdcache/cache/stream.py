@@ -32,7 +32,7 @@ from .manifest import CacheManifest, read_manifest_view, resolve_inside
 from .partition import Geometry, Stage, group_order, window_order
 from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns, targets_of,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns,
 )
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 

@@ -95,7 +95,6 @@ class TeacherRunner:
         if event is not None:
             event.synchronize()
         ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
-        samples = None
         if len(host) > 3:
             s_ids, s_lp, s_counts = (t.numpy() for t in host[3])
             present = s_counts > 0  # entries packed to the left, empty slots count 0

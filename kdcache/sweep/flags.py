@@ -38,25 +38,25 @@ class Flag:
         return f"{self.name}: {self.problem}. Likely cause: {self.cause}. Retry: {self.retry}"
 
 
-def majority_rates(eval_cache: Path) -> tuple[float | None, float | None]:
+def majority_rates(eval_cache) -> tuple[float | None, float | None]:
     """(share of the most common label, share of the teacher's most common top-1) on a cache:
-    what a student that always predicts one class / one token scores."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    what a student that always predicts one class / one token scores.
 
-    from ..cache.schema import LABELS, SHARD_DIR, TOPK_IDS
+    Read through the cache's own stream, so every target kind counts the teacher's top-1 the way
+    `evaluate` does (first stored id: the top-k head's best, or for `sample` the most probable draw),
+    and paths, checksums and buckets are handled as for training."""
+    import numpy as np
 
-    labels, top1 = {}, {}
-    for shard in sorted((Path(eval_cache) / SHARD_DIR).glob("*.parquet")):
-        table = pq.read_table(shard, columns=[LABELS, TOPK_IDS])
-        for counts, values in ((labels, pc.list_flatten(table.column(LABELS))),
-                               (top1, pc.list_element(pc.list_flatten(table.column(TOPK_IDS)), 0))):
-            for item in pc.value_counts(values).to_pylist():
-                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-    labels.pop(-1, None)  # unknown labels
+    from ..cache.stream import CacheStream
 
-    def share(counts):
-        return max(counts.values()) / sum(counts.values()) if counts else None
+    labels, top1 = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for batch in CacheStream(eval_cache, batch_size=256, shuffle=False):
+        labels = np.concatenate([labels, batch["labels"].numpy()])
+        top1 = np.concatenate([top1, batch["topk_ids"][:, 0].numpy().astype(np.int64)])
+
+    def share(values):
+        values = values[values >= 0]  # -1: unknown label
+        return float(np.bincount(values).max() / len(values)) if len(values) else None
     return share(labels), share(top1)
 
 
