@@ -95,15 +95,12 @@ def finished(run: Path) -> bool:
 
 
 def evaluate(run: Path, eval_cache: Path) -> dict:
-    """The run's held-out metrics: eval.json when it is current (has ECE), else `kdcache evaluate`."""
-    saved = run / "eval.json"
-    if saved.is_file():
-        metrics = json.loads(saved.read_text()).get("metrics", {})
-        if metrics.get("ece") is not None and Path(metrics.get("cache", "")).resolve() == eval_cache.resolve():
-            return metrics
-    metrics = json.loads(kdcache("evaluate", "--model", run, "--cache", eval_cache, "--json"))
-    saved.write_text(json.dumps({"metrics": metrics}, indent=2) + "\n")
-    return metrics
+    """The run's held-out metrics, kept in RUN/eval.json exactly as `kdcache report` keeps them (so the
+    pipeline's own evaluations are reused); re-evaluated when the record predates the ECE metric."""
+    from kdcache.sweep.collect import EVAL_RECORD, evaluate_dir
+
+    metrics = evaluate_dir(run, eval_cache, run / EVAL_RECORD)
+    return metrics if "ece" in metrics else evaluate_dir(run, eval_cache, run / EVAL_RECORD, fresh=True)
 
 
 def main():
@@ -148,7 +145,7 @@ def main():
         return run if same else None
 
     def train_run(name: str, length: list, cache: Path, *extra) -> Path:
-        run = args.workdir / f"len-{'-'.join(map(str, length)).strip('-')}" / name
+        run = args.workdir / f"{length[0].strip('-')}-{length[1]:g}" / name
         if not finished(run):
             print(f"[quality] training {name} ({' '.join(map(str, length))}) from {cache}", file=sys.stderr, flush=True)
             kdcache("train-student", "--cache", cache, "--out", run, *train, *length, *extra,
