@@ -193,14 +193,14 @@ def main():
             if cache not in stats:
                 stats[cache] = json.loads(kdcache("inspect", cache, "--json"))
             s = stats[cache]
-            size, ids = f"{s['bytes_per_position']:,.0f}", f"{s.get('mean_ids_per_position', s.get('k')):.1f}"
+            size, ids = f"{s['bytes_per_position']:,.1f}", f"{s.get('mean_ids_per_position', s.get('k')):.1f}"
             dump_s = f"{json.loads((cache / 'manifest.json').read_text())['dump']['seconds']:.0f}"
         ref = online.get(length_label)
-        gap = f"{(m['perplexity'] - ref) / ref:+.1%}" if ref and m.get("perplexity") else "—"
+        gap = f"{(m['perplexity'] - ref) / ref:+.1%}" if ref and m.get("perplexity") and not label.startswith("online") else "—"
         metric = f"{m['perplexity']:,.1f}" if m.get("perplexity") is not None else "—"
         epochs = f"{epochs:g}" if isinstance(epochs, float) else epochs
         print(f"| {label} | {epochs} | {size} | {ids} | {metric} | {gap} | {m['top1_agreement']:.2%} | "
-              f"{m['ece']:.3f} | {summary['seconds']:.0f} | {dump_s} |")
+              f"{m['ece']:.4f} | {summary['seconds']:.0f} | {dump_s} |")
     if teacher_ece is not None:
         print(f"\nTeacher's ECE on the held-out cache (its stored top-1 and that id's probability): {teacher_ece:.3f}")
 
