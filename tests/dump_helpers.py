@@ -52,8 +52,8 @@ def assert_same_rows(a: list[dict], b: list[dict]) -> None:
     for x, y in zip(a, b):
         assert x["example_id"] == y["example_id"]
         assert x.keys() == y.keys()
-        # sample_* (sampled kinds) are lists of per-position lists: compared exactly, as values.
-        for key in ("input_ids", "positions", "labels", "sample_ids", "sample_logprobs", "sample_counts"):
+        # sample_* (sampled kinds) are flat lists per row: compared exactly, as values.
+        for key in ("input_ids", "positions", "labels", "sample_lengths", "sample_ids", "sample_logprobs", "sample_counts"):
             assert x.get(key) == y.get(key), (key, x["example_id"])
         if "topk_ids" in x:
             np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])

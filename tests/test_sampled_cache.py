@@ -138,7 +138,8 @@ def test_verify_inspect_and_the_manifest(caches, capsys):
         assert stats["targets"] == kind
         rows = read_rows(cache)
         if kind != "top-k":
-            per_position = [len(ids) for r in rows for ids in r["sample_ids"]]
+            per_position = [n for r in rows for n in r["sample_lengths"]]
+            assert sum(per_position) == sum(len(r["sample_ids"]) for r in rows)
             head = 4 if kind == "top-k+sample" else 0
             assert stats["mean_ids_per_position"] == pytest.approx(head + np.mean(per_position), abs=1e-3)
         if kind != "sample":
@@ -149,7 +150,7 @@ def test_verify_inspect_and_the_manifest(caches, capsys):
 
 
 def tamper(cache: Path, edit) -> None:
-    """Rewrite shard 0 with `edit` applied to its sample columns (python lists), re-recording its
+    """Rewrite shard 0 with `edit` applied to its columns (python lists), re-recording its
     checksum so that only the content check can catch it."""
     table = pq.read_table(cache / "data" / "part-00000.parquet")
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
@@ -167,6 +168,7 @@ def tamper(cache: Path, edit) -> None:
     ("duplicate", "appears twice"),
     ("head", "repeats one of its position's top-k ids"),
     ("range", ">= target_vocab_size"),
+    ("lengths", "does not have sum(sample_lengths) entries"),
 ])
 def test_verify_catches_bad_draws(caches, tmp_path, capsys, damage, message):
     import shutil
@@ -174,23 +176,33 @@ def test_verify_catches_bad_draws(caches, tmp_path, capsys, damage, message):
     cache = tmp_path / "cache"
     shutil.copytree(caches["top-k+sample"], cache)
 
-    def edit(c):
-        ids, counts = c["sample_ids"][0][0], c["sample_counts"][0][0]
+    def edit(c):  # row 0's entries; its first position's come first (sample_lengths[0][0] of them, >= 2 here)
+        ids, counts = c["sample_ids"][0], c["sample_counts"][0]
+        assert c["sample_lengths"][0][0] >= 2
         if damage == "count":
             counts[0] += 1
         elif damage == "duplicate":
             ids[1] = ids[0]
         elif damage == "head":
             ids[0] = c["topk_ids"][0][0][0]
+        elif damage == "lengths":
+            c["sample_lengths"][0][0] += 1
         else:
             ids[0] = 60000
     tamper(cache, edit)
     code, _, err = run_cli(["verify", cache], capsys)
     assert code != 0 and message in err and "part-00000" in err and one_line_error(err)
+    if damage == "lengths":  # the stream, which trusts the checksums, still refuses to misalign the entries
+        from kdcache.errors import KdcacheError
+        with pytest.raises(KdcacheError, match="sample_lengths"):
+            list(CacheStream(cache, batch_size=4, shuffle=False))
 
 
 def test_train_evaluate_and_refusals(caches, tmp_path, capsys):
     cache = caches["sample"]
+    # --alpha 0 streams no soft targets at all.
+    batch = next(iter(CacheStream(cache, batch_size=4, soft_targets=False)))
+    assert not {"topk_ids", "topk_logprobs", "target_counts"} & batch.keys()
     out = tmp_path / "student"
     args = ["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2,
             "--intermediate", 32, "--max-steps", 2, "--batch-size", 4, "--num-workers", 0, "--no-progress"]
@@ -284,3 +296,44 @@ def test_sweep_and_report_on_sampled_caches(caches, tmp_path, capsys):
     kl = json.loads(out)["kl"]
     row = next(line for line in md.splitlines() if line.startswith("| ") and "L2-H128" in line)
     assert f"{kl:.4f}" in row
+
+
+def test_weights_rebuilt_from_format_md_alone_match_the_loss(caches, tmp_path):
+    """docs/FORMAT.md's recipe (pandas, and `datasets` reading the same columns) gives each position
+    the weights the loss trains with."""
+    import datasets
+    import pandas as pd
+
+    from kdcache.train.losses import sparse_target_weights
+
+    for kind in ("sample", "top-k+sample"):
+        cache = caches[kind]
+        m = manifest(cache)
+        n = m["targets"]["samples"]
+        df = pd.read_parquet(cache / "data").sort_values("example_id")
+        hf = datasets.load_dataset("parquet", data_files=str(cache / "data" / "*.parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+        assert {"sample_lengths", "sample_ids", "sample_logprobs", "sample_counts"} <= set(hf.column_names)
+        rebuilt = []  # FORMAT.md, "Reading a cache", row by row
+        for _, row in df.iterrows():
+            split = np.cumsum(row["sample_lengths"])[:-1]
+            sample_ids, sample_counts = np.split(row["sample_ids"], split), np.split(row["sample_counts"], split)
+            for p in range(len(row["positions"])):
+                ids, counts = sample_ids[p], sample_counts[p].astype(np.float64)
+                if kind == "sample":
+                    weights = {int(i): c / n for i, c in zip(ids, counts)}
+                else:
+                    head_p = np.exp(row["topk_logprobs"][p].astype(np.float64))
+                    tail = max(0.0, 1.0 - head_p.sum())
+                    weights = {int(i): float(w) for i, w in zip(row["topk_ids"][p], head_p)}
+                    weights.update({int(i): tail * c / n for i, c in zip(ids, counts)})
+                rebuilt.append(weights)
+        from_loss = []
+        for batch in CacheStream(cache, batch_size=8, shuffle=False):
+            w, _ = sparse_target_weights(batch["topk_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
+            for ids, ws in zip(batch["topk_ids"].tolist(), w.tolist()):
+                from_loss.append({i: x for i, x in zip(ids, ws) if x > 0})
+        assert len(rebuilt) == len(from_loss) == m["totals"]["positions"]
+        for a, b in zip(rebuilt, from_loss):
+            assert a.keys() == b.keys()
+            assert all(abs(a[i] - b[i]) < 1e-9 for i in a)

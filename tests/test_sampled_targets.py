@@ -160,3 +160,26 @@ def test_a_zero_probability_tail_draws_nothing():
     out = sampled_targets(logits, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                           torch.zeros(1, dtype=torch.long), seed=0, samples=8, head=2)
     assert (out["counts"] == 0).all() and out["finite"].all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_plus_sample_with_one_id_left_is_exact_kd(logits, temperature):
+    """With k = vocab - 1 the tail is a single id, drawn N times: its weight is the tail mass, so the
+    cached loss and gradient equal online full-softmax KD, at T = 1 and at T != 1 alike."""
+    teacher, student = logits
+    batch = draw(teacher, 1, samples=8, head=VOCAB - 1)
+    assert (batch["target_counts"][:, VOCAB - 1] == 8).all()
+    # Exact log-probs instead of the stored fp16 ones: the tail mass is 1 - (sum of 39 head probabilities),
+    # and fp16 rounding of those is as large as the smallest probability itself.
+    exact = teacher.double().log_softmax(-1).gather(1, batch["topk_ids"].long())
+    batch["topk_logprobs"] = exact.masked_fill(batch["topk_logprobs"] == float("-inf"), float("-inf"))
+    labels = torch.full((POSITIONS,), -1)
+    z = student.clone().requires_grad_(True)
+    cached = DistillLoss(temperature=temperature, alpha=1.0)(z, lambda h: h, dict(batch, labels=labels))
+    cached.loss.backward()
+    y = student.clone().requires_grad_(True)
+    online = DistillLoss(temperature=temperature, alpha=1.0)(y, lambda h: h, {"labels": labels},
+                                                             teacher_logits=teacher.double())
+    online.loss.backward()
+    torch.testing.assert_close(cached.kd, online.kd, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(z.grad, y.grad, rtol=1e-9, atol=1e-9)

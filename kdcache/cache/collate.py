@@ -25,8 +25,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..errors import KdcacheError
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LOGPROBS, TOKEN_TYPE_IDS, TOPK_IDS,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS, TOKEN_TYPE_IDS,
+    TOPK_IDS,
     TOPK_LOGPROBS,
 )
 
@@ -43,16 +45,6 @@ def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     else:
         values = child.to_numpy(zero_copy_only=False)
     return values, offsets
-
-
-def _nested(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list<list<T>> column as (values, offsets per inner list): inner list j (target j, numbered
-    as by _ragged's offsets of the outer lists) owns values[offsets[j]:offsets[j + 1]]."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    # Like _ragged: the outer offsets of a sliced table index into the unsliced child, so the
-    # targets are numbered as in the other per-target columns, and these offsets cover all of them.
-    inner = array.values
-    return inner.values.to_numpy(zero_copy_only=False), inner.offsets.to_numpy().astype(np.int64)
 
 
 def _element_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +76,17 @@ class DecodedRows:
             self.topk_ids, _ = _ragged(table.column(TOPK_IDS))
             self.topk_logprobs, _ = _ragged(table.column(TOPK_LOGPROBS))
         if soft_targets and SAMPLE_IDS in names:
-            # list<list<T>>: the outer offsets are the targets' (as above); the inner ones the entries'.
+            # Entries are flat per row; sample_lengths (one per target, numbered like the targets above)
+            # gives each target's entries: target j owns entries entry_offsets[j]:entry_offsets[j + 1].
+            lengths, _ = _ragged(table.column(SAMPLE_LENGTHS))
+            self.entry_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
             for attr, name in (("sample_ids", SAMPLE_IDS), ("sample_logprobs", SAMPLE_LOGPROBS),
                                ("sample_counts", SAMPLE_COUNTS)):
-                values, self.entry_offsets = _nested(table.column(name))
+                values, row_offsets = _ragged(table.column(name))
                 setattr(self, attr, values)
+            if not np.array_equal(self.entry_offsets[self.target_offsets], row_offsets):
+                raise KdcacheError("a row's sample_lengths do not add up to its sampled entries: the cache is "
+                                   "damaged; run `kdcache verify` on it and re-dump the shard it names")
 
     def take(self, rows: np.ndarray) -> dict:
         """The flat (unpadded) parts of `rows`, in that order."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
@@ -47,13 +46,12 @@ def cache_stats(cache_dir: Path) -> dict:
                 entries += lp.size
                 top1 = ids[:, 0].astype(np.int64)
             if S.has_samples(kind):
-                per_position = t.column(S.SAMPLE_IDS).combine_chunks().flatten()
-                lengths = pc.list_value_length(per_position).to_numpy(zero_copy_only=False)
-                stored_mass += float(np.exp(_values(t, S.SAMPLE_LOGPROBS, 2).astype(np.float64)).sum())
+                lengths = _values(t, S.SAMPLE_LENGTHS, 1).astype(np.int64)
+                stored_mass += float(np.exp(_values(t, S.SAMPLE_LOGPROBS, 1).astype(np.float64)).sum())
                 entries += int(lengths.sum())
                 if kind == S.SAMPLE and n:  # entries are stored most probable first; every position has one
-                    offsets = per_position.offsets.to_numpy()
-                    top1 = per_position.flatten().to_numpy(zero_copy_only=False)[offsets[:-1] - offsets[0]].astype(np.int64)
+                    firsts = np.cumsum(lengths) - lengths
+                    top1 = _values(t, S.SAMPLE_IDS, 1)[firsts].astype(np.int64)
             positions += n
             known = labels >= 0
             labelled += int(known.sum())

@@ -32,16 +32,17 @@ def _check_logprobs(logprobs: np.ndarray, what: str) -> str | None:
     return None
 
 
-def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.ndarray | None) -> str | None:
-    """The sampled columns: same shape in all three, counts >= 1 summing to N per position,
-    distinct ids per position (and none of the top-k head's), ids in range, log-probs finite and <= 0."""
-    lengths = {name: pc.list_value_length(table.column(name).combine_chunks().flatten()).to_numpy(zero_copy_only=False)
-               for name in (S.SAMPLE_IDS, S.SAMPLE_LOGPROBS, S.SAMPLE_COUNTS)}
-    entries = lengths[S.SAMPLE_IDS]
-    if not all(np.array_equal(v, entries) for v in lengths.values()):
-        return "sample_ids, sample_logprobs and sample_counts differ in length at some position"
-    ids = _flat(table.column(S.SAMPLE_IDS), 2).astype(np.int64)
-    counts = _flat(table.column(S.SAMPLE_COUNTS), 2).astype(np.int64)
+def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.ndarray | None,
+                  n_pos: np.ndarray) -> str | None:
+    """The sampled columns: each row's sample_lengths add up to its entries in all three, counts >= 1
+    summing to N per position, distinct ids per position (and none of the top-k head's), ids in range, log-probs finite and <= 0."""
+    entries = _flat(table.column(S.SAMPLE_LENGTHS), 1).astype(np.int64)  # per position
+    row_entries = np.bincount(np.repeat(np.arange(len(n_pos)), n_pos), weights=entries, minlength=len(n_pos))
+    for name in S.SAMPLE_ENTRY_COLUMNS:
+        if not np.array_equal(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False), row_entries):
+            return f"{name} does not have sum(sample_lengths) entries in every row"
+    ids = _flat(table.column(S.SAMPLE_IDS), 1).astype(np.int64)
+    counts = _flat(table.column(S.SAMPLE_COUNTS), 1).astype(np.int64)
     if ids.size and int(ids.max()) >= manifest["target_vocab_size"]:
         return f"sampled id {int(ids.max())} >= target_vocab_size {manifest['target_vocab_size']}"
     if counts.size and int(counts.min()) < 1:
@@ -60,7 +61,7 @@ def check_samples(table: pa.Table, manifest: dict, targets: dict, topk_ids: np.n
         return "an id appears twice among one position's sampled ids"
     if topk_ids is not None and ids.size and (topk_ids[position] == ids[:, None]).any():
         return "a sampled id repeats one of its position's top-k ids (the tail excludes the head)"
-    return _check_logprobs(_flat(table.column(S.SAMPLE_LOGPROBS), 2), "sampled")
+    return _check_logprobs(_flat(table.column(S.SAMPLE_LOGPROBS), 1), "sampled")
 
 
 def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
@@ -85,7 +86,8 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
     if int(n_pos.sum()) != entry["positions"]:
         return f"{int(n_pos.sum())} positions, manifest says {entry['positions']}"
     targets = S.targets_of(manifest)
-    for col in S.soft_target_columns(targets["kind"]) + (S.LABELS,):
+    per_position = [c for c in S.soft_target_columns(targets["kind"]) if c not in S.SAMPLE_ENTRY_COLUMNS]
+    for col in per_position + [S.LABELS]:
         if not np.array_equal(pc.list_value_length(table.column(col)).to_numpy(zero_copy_only=False), n_pos):
             return f"{col} does not have one entry per position"
     input_ids = _flat(table.column(S.INPUT_IDS), 1)
@@ -105,7 +107,7 @@ def check_shard(cache_dir: Path, manifest: dict, entry: dict) -> str | None:
             return "top-k log-probs are not sorted in descending order"
         topk_ids = topk_ids.reshape(-1, k)
     if S.has_samples(targets["kind"]):
-        problem = check_samples(table, manifest, targets, topk_ids)
+        problem = check_samples(table, manifest, targets, topk_ids, n_pos)
         if problem:
             return problem
     seq_len = pc.list_value_length(table.column(S.INPUT_IDS)).to_numpy(zero_copy_only=False)

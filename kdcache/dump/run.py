@@ -321,6 +321,17 @@ class TeacherRunner:
         with torch.inference_mode():
             return self.model(**batch, **kwargs).logits
 
+    def device_targets(self, logits, b, p, e) -> tuple:
+        """(top-k ids, top-k log-probs, finite flags, [sampled ids, log-probs, counts] or None) for the
+        targets at rows b, positions p (example ids e), computed on the teacher's device."""
+        if self.kind == S.TOP_K:
+            return (*topk_targets(logits, b, p, self.k), None)
+        drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
+                                head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
+        # Counts fit 16 bits for any N the CLI allows below 2^15: half the bytes to copy to the host.
+        counts = drawn["counts"].to(torch.int16) if self.samples < 2**15 else drawn["counts"]
+        return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], drawn["logprobs"], counts]
+
     def launch(self, rows) -> tuple:
         """Queue the forward and top-k of one batch; on CUDA this returns before the GPU is done,
         so the host can prepare the next batch meanwhile (finish() waits)."""
@@ -328,7 +339,8 @@ class TeacherRunner:
         logits = self.forward(batch)
         with torch.inference_mode():
             if self.task == "seq-cls":
-                ids, values, finite = topk_targets(logits, None, None, self.k)
+                ids, values, finite = topk_targets(logits, None, None, self.k)  # every class, exactly
+                sampled = None
                 counts = [1] * len(rows)
             else:
                 counts = [len(r.positions) for r in rows]
@@ -338,16 +350,10 @@ class TeacherRunner:
                 if self.pin:
                     b, p, e = b.pin_memory(), p.pin_memory(), e.pin_memory()
                 b, p, e = (t.to(self.device, non_blocking=True) for t in (b, p, e))
-                if self.kind == S.TOP_K:
-                    ids, values, finite = topk_targets(logits, b, p, self.k)
-                else:
-                    drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
-                                            head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
-                    ids, values, finite = drawn["head_ids"], drawn["head_logprobs"], drawn["finite"]
-                    sampled = [drawn["ids"], drawn["logprobs"], drawn["counts"]]
+                ids, values, finite, sampled = self.device_targets(logits, b, p, e)
             del logits  # the full-vocabulary logits stay on the device and are freed here
             host = [t.to("cpu", non_blocking=self.pin) if t is not None else None for t in (ids, values, finite)]
-            if self.kind != S.TOP_K:
+            if sampled is not None:
                 host.append([t.to("cpu", non_blocking=self.pin) for t in sampled])
         event = None
         if self.pin:
@@ -573,10 +579,10 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
     k, draws = targets["k"], targets["samples"]
     per_position = k * (id_bytes + 2) + pos_bytes + 4
     if draws:
-        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the int32
-        # offsets of the three variable-length lists. A confident teacher draws far fewer distinct ids.
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
+        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
         count_bytes = S.smallest_uint(draws).bit_width // 8
-        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + 3 * 4
+        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + count_bytes
     estimate = positions * per_position + tokens * tok_bytes + rows * 8
     bound = " at most" if draws else ""
     summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "

@@ -24,13 +24,6 @@ def _list(lengths, values: np.ndarray, list_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(_offsets(lengths), pa.array(values, type=list_type.value_type), type=list_type)
 
 
-def _nested(outer_lengths, inner_lengths, values: np.ndarray, list_type: pa.DataType) -> pa.Array:
-    """list<list<T>>: rows of positions of variable-length entries."""
-    inner_type = list_type.value_type
-    inner = pa.ListArray.from_arrays(_offsets(inner_lengths), pa.array(values, type=inner_type.value_type), type=inner_type)
-    return pa.ListArray.from_arrays(_offsets(outer_lengths), inner, type=list_type)
-
-
 def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
     """results: (Row, topk_ids (n, k) int, topk_logprobs (n, k) float16[, samples]), in any order;
     samples (sampled kinds) = (entries per position (n,), ids, log-probs, counts), flat over the
@@ -60,10 +53,11 @@ def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
         columns[S.TOPK_LOGPROBS] = pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(lp_flat, k),
                                                             type=topk_lp_type)
     if S.SAMPLE_IDS in names:
-        entries = cat([r[3][0] for r in results], np.int64)
+        columns[S.SAMPLE_LENGTHS] = _list(n_pos, cat([r[3][0] for r in results], np.int64), field(S.SAMPLE_LENGTHS).type)
+        row_entries = [len(r[3][1]) for r in results]
         for i, (name, dtype) in enumerate(((S.SAMPLE_IDS, np.int64), (S.SAMPLE_LOGPROBS, np.float16),
                                           (S.SAMPLE_COUNTS, np.int64)), start=1):
-            columns[name] = _nested(n_pos, entries, cat([r[3][i] for r in results], dtype), field(name).type)
+            columns[name] = _list(row_entries, cat([r[3][i] for r in results], dtype), field(name).type)
     if S.TOKEN_TYPE_IDS in names:
         columns[S.TOKEN_TYPE_IDS] = _list([len(r.input_ids) for r in rows], cat([r.token_type_ids for r in rows], np.int64),
                                           field(S.TOKEN_TYPE_IDS).type)

@@ -42,12 +42,14 @@ Examples:
               help="Decay after warm-up (transformers.get_scheduler).")
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Gradient clipping; 0 disables.")
 @click.option("--temperature", default=1.0, show_default=True, type=float,
-              help="Distillation temperature T (the KD term is scaled by T²).")
+              help="Distillation temperature T (the KD term is scaled by T²). Sampled caches are exact at T = 1; "
+                   "at T != 1 they use self-normalised importance weights (consistent, bias ~1/N; docs/FORMAT.md).")
 @click.option("--alpha", default=0.5, show_default=True, type=float,
               help="Weight of the KD term; 1 - alpha weighs the hard-label loss. 0 = hard labels only "
                    "(the soft targets are then not even read).")
 @click.option("--tail", default="renorm", show_default=True, type=click.Choice(["renorm", "bucket"]),
-              help="Teacher mass outside the stored top-k: renormalise over k, or keep it as one 'rest' bucket.")
+              help="Teacher mass outside the stored top-k: renormalise over k, or keep it as one 'rest' bucket "
+                   "(top-k caches only: sampled caches estimate the tail without bias).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the student's weights and the data order.")
 @click.option("--layers", type=click.IntRange(min=1), help="Override the student's number of layers.")
 @click.option("--hidden", type=click.IntRange(min=1), help="Override the student's hidden size.")
@@ -81,7 +83,9 @@ Examples:
 def train_student(**opts):
     """Stage two: train a student of any size by streaming a cache's soft targets.
 
-    Loss: alpha * T² * KL(teacher top-k at T || student at T) + (1 - alpha) * CE(hard labels).
+    Loss: alpha * T² * KL(teacher at T || student at T) + (1 - alpha) * CE(hard labels), the teacher
+    being the cache's soft targets: its top-k renormalised, or (sampled caches) the weighted draws,
+    whose expected gradient is full-softmax KD's.
     Launch with torchrun for DDP: each rank streams its own part of the cache.
     """
     from ..progress import hide_library_progress_bars

@@ -22,8 +22,9 @@ LABELS = (("kl", "KL(teacher || model)", "{:.4f}"), ("top1_agreement", "top-1 ag
 @click.option("--max-rows", type=click.IntRange(min=1), help="Evaluate on the first N rows only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def evaluate_cmd(model_dir, cache_dir, batch_size, device, max_rows, as_json):
-    """Compare a model with the teacher on a held-out cache: KL to the teacher's top-k, top-1
-    agreement, hard-label accuracy and perplexity, and the teacher's own accuracy."""
+    """Compare a model with the teacher on a held-out cache: KL to the teacher (over its top-k; for
+    sampled caches an unbiased estimate of the full KL), top-1 agreement, hard-label accuracy and
+    perplexity, and the teacher's own accuracy."""
     from .evaluate import evaluate
 
     metrics = evaluate(model_dir, cache_dir, batch_size=batch_size, device=device, max_rows=max_rows,
