@@ -104,5 +104,16 @@ def shakespeare_split(out: Path, train_chars: int | None, heldout_chars: int) ->
     return write_lines(out / "data" / "train.txt", keep(train)), write_lines(out / "data" / "heldout.txt", keep(heldout))
 
 
+def teacher_shaped_config(teacher: Path, layers: int, out: Path) -> Path:
+    """The teacher's own config.json with `layers` layers: a student that --init-from-teacher can fill
+    with the teacher's embeddings and evenly spaced layers (every other size stays the teacher's)."""
+    config = json.loads((Path(teacher) / "config.json").read_text())
+    config["num_hidden_layers"] = max(1, layers)
+    config.pop("architectures", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_lines(out, json.dumps(config, indent=2).splitlines())
+    return out
+
+
 def show_report(runs: Path) -> None:
     print(f"\nreport: {runs / 'report.md'}  plot: {runs / 'report.png'}")

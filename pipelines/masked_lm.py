@@ -22,23 +22,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Pipeline, parse_args, shakespeare_split, show_report  # noqa: E402
+from common import Pipeline, parse_args, shakespeare_split, show_report, teacher_shaped_config  # noqa: E402
 from teachers import minilm_encoder, mlm_teacher  # noqa: E402
 
 SMALL = dict(train_chars=60_000, heldout_chars=16_000, head_steps=30, train_encoder=False, max_length=64,
              mask_copies=2, steps=60, batch=16)
 FULL = dict(train_chars=None, heldout_chars=100_000, head_steps=3000, train_encoder=True, max_length=128,
             mask_copies=5, steps=3000, batch=64)
-
-
-def half_depth_config(teacher: Path, out: Path) -> Path:
-    """The teacher's config with half its layers: DistilBERT's student shape."""
-    config = json.loads((teacher / "config.json").read_text())
-    config["num_hidden_layers"] = max(1, config["num_hidden_layers"] // 2)
-    config.pop("architectures", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(config, indent=2) + "\n")
-    return out
 
 
 def main():
@@ -63,7 +53,9 @@ def main():
         p.dump_logits(out / "eval-cache", *dump, "--mask-copies", 1, "--data", heldout_txt)
 
     runs = out / "runs"
-    half = half_depth_config(teacher, out / "students" / "half-depth" / "config.json")
+    # DistilBERT's student shape: the teacher with half its layers.
+    depth = json.loads((teacher / "config.json").read_text())["num_hidden_layers"] // 2
+    half = teacher_shaped_config(teacher, depth, out / "students" / "half-depth" / "config.json")
     # No --lr: the sweep's width rule gives each size its rate (L2-H128 1e-3, H384 3.3e-4; benchmarks/sweep.md).
     train = ["--max-steps", size["steps"], "--batch-size", size["batch"], "--seed", 0]
     with p.step("stage two: half-depth student initialised from the teacher (DistilBERT)"):

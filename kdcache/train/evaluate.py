@@ -11,6 +11,8 @@ Metrics (one dict; the keys of `kdcache evaluate --json`):
                   teacher log-prob stands in for it (the same id whenever the argmax was drawn).
   accuracy        model accuracy on the targets with a known label (None if none)
   perplexity      exp(mean CE at labelled targets), LM tasks only
+  ece, teacher_ece  expected calibration error (15 bins) of the model's next-token confidence at labelled
+                  targets (calibration.py); the teacher's from the cache's most probable stored id
   teacher_accuracy, teacher_perplexity   the same for the teacher, from the cache alone
                   (perplexity only if every label is among the stored ids; accuracy uses the same
                   stand-in top-1 as top1_agreement)
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from ..cache.collate import move_batch
 from ..cache.stream import CacheStream, open_cache
 from ..errors import KdcacheError
+from .calibration import CalibrationBins
 from .forward import target_hidden
 from .losses import DEFAULT_CHUNK_ELEMENTS, sparse_target_weights
 from ..models import auto_class
@@ -60,6 +63,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     stream = CacheStream(cache, batch_size=batch_size, shuffle=False)
     s = dict.fromkeys(("rows", "targets", "labelled", "kl", "agree", "correct", "ce", "t_correct", "t_ce",
                        "t_covered"), 0.0)
+    s["calibration"], s["t_calibration"] = CalibrationBins(), CalibrationBins()
     from tqdm.auto import tqdm
     total = min(cache.num_rows, max_rows or cache.num_rows)
     bar = tqdm(total=total, desc="evaluate", unit="row", disable=not progress)
@@ -88,6 +92,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         "top1_agreement": s["agree"] / n if n else None,
         "accuracy": s["correct"] / labelled if labelled else None,
         "perplexity": _perplexity(s["ce"] / labelled) if lm and labelled else None,
+        "ece": s["calibration"].ece(), "teacher_ece": s["t_calibration"].ece(),
         "teacher_accuracy": s["t_correct"] / labelled if labelled else None,
         "teacher_perplexity": (_perplexity(s["t_ce"] / labelled)
                                if lm and labelled and s["t_covered"] == labelled else None),
@@ -121,6 +126,8 @@ def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, h
         s["correct"] += float((logits[known].argmax(-1) == y).sum())
         s["ce"] += float(F.cross_entropy(logits[known], y, reduction="sum"))
         s["t_correct"] += float((topk_ids[known][:, 0] == y).sum())
+        s["calibration"].add_logits(logits[known], y)
+        s["t_calibration"].add(topk_logprobs[known][:, 0].float().exp(), topk_ids[known][:, 0] == y)
         hit = (topk_ids[known] == y[:, None]) & (topk_logprobs[known] > float("-inf"))  # padding is -inf
         covered = hit.any(-1)
         s["t_covered"] += float(covered.sum())
