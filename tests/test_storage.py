@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -109,6 +110,45 @@ def test_inspect_and_verify_read_the_bucket(caches):
     assert remote == local and remote["rows"] > 0
     assert f"verified in {caches['uri']}" in cli_ok(["verify", caches["uri"]])
 
+
+
+def _report_rows(markdown: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {r["student"]: r for r in (dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+                                      for line in lines[2:])}
+
+
+def test_sweep_and_report_from_the_bucket_equal_local(caches, tmp_path):
+    """`sweep --cache s3://...` and `report --eval-cache s3://...` give the rows the same cache on disk gives."""
+    from kdcache.sweep.amortise import cache_tokens
+
+    student = ["--students", "tiny=L2-H128", "--gpus", "cpu", "--layers", 1, "--hidden", 32, "--heads", 2,
+               "--intermediate", 64, "--batch-size", 8, "--max-steps", 2, "--num-workers", 0, "--no-progress",
+               "--seed", 1]
+    reports = {}
+    for where, cache in (("remote", caches["uri"]), ("local", caches["local"])):
+        runs = tmp_path / where
+        cli_ok(["sweep", "--cache", cache, "--out", runs, *student])
+        record = json.loads((runs / "tiny" / "sweep.json").read_text())
+        assert record["identity"]["cache"] == (cache if where == "remote" else str(cache.resolve()))
+        printed = cli_ok(["report", runs, "--eval-cache", cache])
+        assert f"evaluating tiny on {cache}" in printed
+        eval_record = json.loads((runs / "tiny" / "eval.json").read_text())
+        assert eval_record["key"]["eval_cache"] == (cache if where == "remote" else str(cache.resolve()))
+        reports[where] = (runs / "report.md").read_text()
+        # The sweep is resumable from the bucket as from disk: the finished student is skipped.
+        assert "finished already" in cli_ok(["sweep", "--cache", cache, "--out", runs, *student])
+    remote, local = _report_rows(reports["remote"]), _report_rows(reports["local"])
+    assert set(remote) == {"tiny", "teacher"}
+    for rows in (remote, local):  # throughput is a timing; every other cell must match
+        for row in rows.values():
+            row.pop("train tokens/s")
+    assert remote == local
+    amortisation = [r.split("## Amortisation")[1].split("![")[0] for r in (reports["remote"], reports["local"])]
+    assert amortisation[0] == amortisation[1] and "Amortisation:" in amortisation[0]
+    assert cache_tokens(caches["uri"]) == cache_tokens(caches["local"]) > 0
+    assert not list(pathlib.Path.cwd().glob("s3:*"))  # nothing written under a folder named "s3:"
 
 def test_bucket_problems_are_one_line_errors(caches, s3_server):
     message = cli_error(["train-student", "--cache", f"s3://{BUCKET}/caches/none", "--student", "L2-H128",

@@ -74,13 +74,16 @@ def amortisation(manifest: dict, runs, cache_tokens: int | None = None) -> Amort
 def cache_tokens(cache_dir) -> int:
     """Tokens the teacher saw for a cache: the summed lengths of every row's input_ids."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    from pathlib import Path
 
-    from ..cache.schema import INPUT_IDS, SHARD_DIR
+    from ..cache.manifest import read_manifest_view, resolve_inside
+    from ..cache.schema import INPUT_IDS
+    from ..cache.storage import location, parquet_file
 
+    # The shards the manifest lists (a local folder or a bucket prefix), as every reader takes them.
+    cache_dir = location(cache_dir)
     total = 0
-    for shard in sorted((Path(cache_dir) / SHARD_DIR).glob("*.parquet")):
-        column = pq.read_table(shard, columns=[INPUT_IDS]).column(INPUT_IDS)
+    for i, shard in enumerate(read_manifest_view(cache_dir).shards):
+        path = resolve_inside(cache_dir, shard.get("file"), f"shards[{i}].file")
+        column = parquet_file(path).read(columns=[INPUT_IDS]).column(INPUT_IDS)
         total += int(pc.sum(pc.list_value_length(column)).as_py() or 0)
     return total

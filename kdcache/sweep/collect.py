@@ -1,11 +1,12 @@
 """Gathering a sweep's finished runs and evaluating each once on a held-out cache."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.manifest import atomic_write_json, manifest_path
+from ..cache.files import atomic_write_json, file_sha256
+from ..cache.manifest import manifest_path
+from ..cache.storage import ObjectPath, describe, location
 from ..errors import KdcacheError
 from .runs import SWEEP_RECORD, TRAIN_SUMMARY, read_json, run_mode
 
@@ -65,26 +66,23 @@ def summary_args(summary: dict) -> list[str]:
     return args
 
 
-def train_cache(run: Run) -> Path | None:
-    """The cache a run trained from (its sweep record, else its train summary)."""
+def train_cache(run: Run) -> Path | ObjectPath | None:
+    """The cache a run trained from (its sweep record, else its train summary): a folder or a URI."""
     record = read_json(run.path / SWEEP_RECORD) or {}
     cache = (record.get("identity") or {}).get("cache") or run.summary.get("cache")
-    return Path(cache) if cache else None
+    return location(cache) if cache else None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def evaluate_dir(model_dir: Path, eval_cache: Path, record_path: Path | None, fresh: bool = False) -> dict:
+def evaluate_dir(model_dir: Path, eval_cache: Path | ObjectPath | str, record_path: Path | None,
+                 fresh: bool = False) -> dict:
     """`kdcache evaluate`'s numbers for one model, reusing record_path (JSON) when still valid."""
     from ..train.evaluate import evaluate  # stage two's library entry point: the same numbers as the CLI
 
-    model_dir, eval_cache = Path(model_dir), Path(eval_cache)
+    model_dir, eval_cache = Path(model_dir), location(eval_cache)
     key = {
-        "eval_cache": str(eval_cache.resolve()),
-        "eval_manifest_sha256": _sha256(manifest_path(eval_cache)),
-        "model_summary_sha256": _sha256(model_dir / TRAIN_SUMMARY) if (model_dir / TRAIN_SUMMARY).is_file() else None,
+        "eval_cache": describe(eval_cache),
+        "eval_manifest_sha256": file_sha256(manifest_path(eval_cache)),
+        "model_summary_sha256": file_sha256(model_dir / TRAIN_SUMMARY) if (model_dir / TRAIN_SUMMARY).is_file() else None,
     }
     if record_path is not None and not fresh:
         old = read_json(record_path)

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..cache.manifest import read_manifest
+from ..cache.storage import ObjectPath, location
 from ..errors import KdcacheError
 from .launcher import Job, gpu_slots, run_jobs
 from .lr_rule import BASE_LR, BASE_WIDTH, RULES, default_rule, student_lr
@@ -27,7 +28,7 @@ def student_args(student, train_args: list[str], lr_rule: str):
     return own, lr
 
 
-def plan(cache: Path, students, out: Path, train_args: list[str], echo=print, lr_rule: str | None = None) -> list[Job]:
+def plan(cache: Path | ObjectPath, students, out: Path, train_args: list[str], echo=print, lr_rule: str | None = None) -> list[Job]:
     """One job per student still to train; finished students are skipped, interrupted ones resumed."""
     lr_rule = lr_rule or default_rule(train_args)
     jobs = []
@@ -56,8 +57,9 @@ def plan(cache: Path, students, out: Path, train_args: list[str], echo=print, lr
            "(e.g. --max-steps 500 --batch-size 32 --alpha 0.5 --temperature 2; see `kdcache train-student --help`); "
            "a student's own :option=value wins over it.",
 )
-@click.option("--cache", "cache", required=True, type=click.Path(path_type=Path),
-              help="The cache every student trains from (the --out of `kdcache dump-logits`).")
+@click.option("--cache", "cache", required=True, type=click.Path(),
+              help="The cache every student trains from (the --out of `kdcache dump-logits`), or its s3:// "
+                   "(gs://, hdfs://) URI.")
 @click.option("--students", required=True,
               help="Comma-separated student specs: presets like L2-H128,L4-H256, config.json files or model dirs. "
                    "NAME=SPEC names a run folder (e.g. hard=L2-H128); SPEC:option=value sets any train-student "
@@ -73,7 +75,7 @@ def plan(cache: Path, students, out: Path, train_args: list[str], echo=print, lr
                    "every student. [default: width, or none when --lr is given: an explicit --lr means what it says] "
                    "A student's own :lr=... always wins.")
 @click.pass_context
-def sweep_cmd(ctx, cache: Path, students: str, out: Path, devices: str, lr_rule: str | None):
+def sweep_cmd(ctx, cache: str, students: str, out: Path, devices: str, lr_rule: str | None):
     """Train several students from the same cache, each into its own folder.
 
     One learning rate is not fair to every size: by default each student gets base x 128/width
@@ -95,6 +97,7 @@ def sweep_cmd(ctx, cache: Path, students: str, out: Path, devices: str, lr_rule:
     for option in SWEEP_OWNED_OPTIONS:
         if has_flag(train_args, option):
             raise KdcacheError(f"sweep sets {option} for each student itself; drop it from the command line")
+    cache = location(cache)  # a folder, or an object-store prefix kept as a URI
     read_manifest(cache)  # a missing or foreign cache fails here, before any folder is created
     student_list = parse_students(students)
     slots = gpu_slots(devices)

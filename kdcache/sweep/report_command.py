@@ -8,6 +8,7 @@ import click
 
 from ..cache.manifest import atomic_write_bytes, read_manifest
 from ..cache.schema import TOP_K, describe_targets, targets_of
+from ..cache.storage import location
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
 from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
@@ -35,7 +36,7 @@ def teacher_dir(manifest: dict, override: Path | None) -> Path | None:
     return None
 
 
-def check_same_teacher(train_manifest: dict, train_dir: Path, eval_manifest: dict, eval_dir: Path) -> None:
+def check_same_teacher(train_manifest: dict, train_dir, eval_manifest: dict, eval_dir) -> None:
     """A held-out cache from another teacher or tokenizer would make every number in the report meaningless."""
     for key, sub in (("teacher", "weights_sha256"), ("tokenizer", "sha256")):
         a, b = (train_manifest.get(key) or {}).get(sub), (eval_manifest.get(key) or {}).get(sub)
@@ -65,14 +66,15 @@ def teacher_row(manifest: dict, runs, metrics: dict | None) -> dict:
 
 @click.command("report")
 @click.argument("runs_dir", metavar="RUNS", type=click.Path(path_type=Path))
-@click.option("--eval-cache", required=True, type=click.Path(path_type=Path),
-              help="Held-out cache to evaluate on (same teacher and tokenizer as the training cache, other text).")
+@click.option("--eval-cache", required=True, type=click.Path(),
+              help="Held-out cache to evaluate on (same teacher and tokenizer as the training cache, other text): "
+                   "a folder or an s3:// (gs://, hdfs://) URI.")
 @click.option("--teacher", "teacher_override", type=click.Path(path_type=Path), default=None,
               help="Teacher model dir for the teacher row [default: the eval cache's teacher when it is a model dir].")
 @click.option("--teacher-eval/--no-teacher-eval", default=True, show_default=True,
               help="Evaluate the teacher itself for its row (else: its accuracy from the cache only).")
 @click.option("--fresh", is_flag=True, help="Re-evaluate every student even if RUNS/<name>/eval.json is current.")
-def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, teacher_eval: bool, fresh: bool):
+def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, teacher_eval: bool, fresh: bool):
     """Evaluate every student of a sweep and write RUNS/report.md and RUNS/report.png.
 
     The table has one row per finished student (parameters, train tokens/s, KL to the teacher,
@@ -85,6 +87,7 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     Example:
       kdcache report runs/sweep --eval-cache runs/eval-cache
     """
+    eval_cache = location(eval_cache)  # a folder, or an object-store prefix kept as a URI
     runs, unfinished = find_runs(runs_dir)
     eval_manifest = read_manifest(eval_cache)
     if not eval_manifest.get("complete", True):
@@ -94,7 +97,7 @@ def report_cmd(runs_dir: Path, eval_cache: Path, teacher_override: Path | None, 
     caches = Counter(str(c) for c in (train_cache(r) for r in runs if r.mode == "cached KD") if c)
     train_manifest = None
     if caches:
-        train_cache_dir = Path(caches.most_common(1)[0][0])
+        train_cache_dir = location(caches.most_common(1)[0][0])
         try:
             train_manifest = read_manifest(train_cache_dir)
         except KdcacheError as e:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ..cache.manifest import atomic_write_json
+from ..cache.storage import describe
 from ..errors import KdcacheError
 from .specs import SWEEP_OWNED_OPTIONS, Student  # noqa: F401  (SWEEP_OWNED_OPTIONS: re-exported)
 
@@ -59,7 +60,7 @@ def training_identity(cache: Path, student: Student, train_args: list[str]) -> d
     train_args: everything this student's train-student gets besides --cache/--student/--out
     (the sweep's options, its per-student options and its learning rate)."""
     return {
-        "cache": str(Path(cache).resolve()),
+        "cache": describe(cache),
         "student": student.spec,
         "train_args": [a for a in without_options(train_args, RUNTIME_OPTIONS) if a not in RUNTIME_FLAGS],
     }
