@@ -14,15 +14,13 @@ writer stays above the teacher's rate. Runs alternate so all see the same machin
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import statistics
 import tempfile
 import time
 
 import pyarrow.fs as pafs
 
-from bucket_loader import LatencyProxy
+from bucket_loader import start_s3_server
 from dump_writer import synthetic_shard
 from train_common import command_line
 
@@ -44,19 +42,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-ms", type=float, default=0.0, help="added to each 64 KiB chunk (0: none)")
     args = ap.parse_args()
-    from moto.server import ThreadedMotoServer
-
     from kdcache.cache.schema import arrow_schema
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    if args.latency_ms:
-        port = LatencyProxy((host, port), args.latency_ms / 1000).port
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=endpoint,
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    server, endpoint = start_s3_server(args.latency_ms)
     try:
         k, length, vocab = 64, 512, 49152
         schema = arrow_schema(k=k, vocab_size=vocab, max_length=length)

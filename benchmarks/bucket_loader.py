@@ -62,6 +62,23 @@ class LatencyProxy:
                     pass
 
 
+def start_s3_server(latency_ms: float):
+    """moto's S3 server on 127.0.0.1 (optionally behind LatencyProxy), with the AWS_* variables
+    pointing kdcache at it: (server, endpoint URL). Stop it with server.stop()."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    if latency_ms:
+        port = LatencyProxy((host, port), latency_ms / 1000).port
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=endpoint,
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    return server, endpoint
+
+
 def positions_per_second(cache, *, batch_size: int, workers: int) -> float:
     from kdcache.cache.stream import CacheStream, StreamLoader
     loader = StreamLoader(CacheStream(cache, batch_size=batch_size, seed=0, num_workers=workers))
@@ -84,17 +101,7 @@ def main():
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added to each request (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    if args.latency_ms:
-        port = LatencyProxy((host, port), args.latency_ms / 1000).port
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_ENDPOINT_URL=endpoint,
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    server, endpoint = start_s3_server(args.latency_ms)
     try:
         work = Path(tempfile.mkdtemp(prefix="kdcache_bucket_"))
         local = synthetic_cache(work / "mlm", rows=args.rows, length=args.length, k=args.k, vocab_size=args.vocab,

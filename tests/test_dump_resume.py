@@ -33,10 +33,10 @@ def cli_args(teacher, data, out):
     return ["dump-logits", "--teacher", teacher, "--data", data, "--out", out, "--no-progress", *ARGS]
 
 
-def test_kill_9_then_resume_is_row_identical(tmp_path, tiny_bert_mlm, corpus, reference):
-    out = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, cli_args(tiny_bert_mlm, corpus, out))],
-                            env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after_first_shard(args, out: Path) -> None:
+    """Run `kdcache ARGS` and kill -9 it as soon as its first shard is complete (its sidecar exists)."""
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *map(str, args)], env=single_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_sidecar = out / "data" / "_part-00000.stats.json"
     deadline = time.time() + 120
     while not first_sidecar.exists() and proc.poll() is None and time.time() < deadline:
@@ -44,6 +44,11 @@ def test_kill_9_then_resume_is_row_identical(tmp_path, tiny_bert_mlm, corpus, re
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+
+
+def test_kill_9_then_resume_is_row_identical(tmp_path, tiny_bert_mlm, corpus, reference):
+    out = tmp_path / "cache"
+    kill_after_first_shard(cli_args(tiny_bert_mlm, corpus, out), out)
     killed = manifest(out)
     assert killed["complete"] is False and len(killed["shards"]) < killed["num_shards"]
 
@@ -89,16 +94,7 @@ def sampled_reference(tmp_path_factory, tiny_bert_mlm, corpus) -> dict:
 
 def test_sampled_kill_9_then_resume_is_row_identical(tmp_path, tiny_bert_mlm, corpus, sampled_reference):
     out = tmp_path / "cache"
-    args = [*map(str, cli_args(tiny_bert_mlm, corpus, out)), *map(str, SAMPLED["sample"])]
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=single_thread_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_sidecar = out / "data" / "_part-00000.stats.json"
-    deadline = time.time() + 120
-    while not first_sidecar.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    kill_after_first_shard([*cli_args(tiny_bert_mlm, corpus, out), *SAMPLED["sample"]], out)
     assert manifest(out)["complete"] is False
     dump(tiny_bert_mlm, corpus, out, *ARGS, *SAMPLED["sample"])
     assert_same_rows(read_rows(out), read_rows(sampled_reference["sample"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..cache import schema as S
+from .. import distributed
 from ..distributed import ProcessGroup
 from ..errors import KdcacheError
 from .corpus import load_corpus
@@ -65,17 +66,8 @@ class DumpResult:
 
 
 def resolve_device(device: str, dist: ProcessGroup) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise KdcacheError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdcacheError(f"--device {device} requested but CUDA is not available here; use --device cpu")
-    return dev
+    """--device for this rank: under torchrun a bare `cuda` means this rank's local GPU."""
+    return distributed.resolve_device(device, dist.local_rank, dist.world)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
