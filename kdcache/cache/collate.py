@@ -28,8 +28,7 @@ import torch
 from ..errors import KdcacheError
 from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS, TOKEN_TYPE_IDS,
-    TOPK_IDS,
-    TOPK_LOGPROBS,
+    TOPK_IDS, TOPK_LOGPROBS,
 )
 
 

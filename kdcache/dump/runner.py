@@ -95,7 +95,8 @@ class TeacherRunner:
         if event is not None:
             event.synchronize()
         ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
-        if len(host) > 3:
+        sampled = len(host) > 3
+        if sampled:
             s_ids, s_lp, s_counts = (t.numpy() for t in host[3])
             present = s_counts > 0  # entries packed to the left, empty slots count 0
             lengths = present.sum(1)
@@ -105,7 +106,7 @@ class TeacherRunner:
         for r, n in zip(rows, counts):
             stop = start + n
             result = (r, None if ids is None else ids[start:stop], None if values is None else values[start:stop])
-            if len(host) > 3:
+            if sampled:
                 a, b = entry_offsets[start], entry_offsets[stop]
                 result += ((lengths[start:stop],) + tuple(f[a:b] for f in flat),)
             out.append(result)

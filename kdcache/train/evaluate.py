@@ -106,17 +106,17 @@ def _perplexity(mean_ce: float) -> float:
 
 def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0) -> None:
     topk_ids = topk_ids.long()  # batches carry int32 ids
+    # The teacher's weights and log-probs at the stored ids, as training sees them at T = 1.
+    w, log_p = sparse_target_weights(topk_logprobs.float(), counts, head, 1.0)
+    log_q = logits.gather(1, topk_ids)
     if counts is None:
-        # Both distributions renormalised over the stored k ids: 0 for the teacher itself, and
-        # comparable across models whatever mass the top-k covers.
-        log_p = topk_logprobs.float().log_softmax(-1)
-        log_q = logits.gather(1, topk_ids).log_softmax(-1)
-        s["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        # Top-k: the model renormalised over the same k ids, so the teacher itself scores 0 and the
+        # figure is comparable across models whatever mass the top-k covers.
+        log_q = log_q.log_softmax(-1)
     else:
         # Sampled targets: the weighted draws estimate E_teacher[log p - log q] over the whole vocabulary.
-        w, log_p = sparse_target_weights(topk_logprobs.float(), counts, head, 1.0)
-        log_q = logits.log_softmax(-1).gather(1, topk_ids)
-        s["kl"] += float((w * (log_p - log_q)).sum())
+        log_q = log_q - logits.logsumexp(-1, keepdim=True)
+    s["kl"] += float((w * (log_p - log_q)).sum())
     s["agree"] += float((logits.argmax(-1) == topk_ids[:, 0]).sum())
     s["targets"] += labels.shape[0]
     known = labels >= 0
