@@ -33,7 +33,7 @@ from .summary import dry_run, make_bar, summarize
 from .writer import ShardWriter
 
 
-def Dist() -> ProcessGroup:
+def join_process_group() -> ProcessGroup:
     """Stage one joins the process group with gloo whatever the device: it only needs barriers
     and one broadcast, on the host. See kdcache.distributed for how a failing rank stops the rest."""
     return setup_process_group("cpu", backend="gloo")
@@ -45,7 +45,7 @@ def shards_for_rank(num_shards: int, rank: int, world: int, done) -> list[int]:
 
 
 def run_dump(opts: DumpOptions) -> DumpResult:
-    dist = Dist()
+    dist = join_process_group()
     try:
         with dist.failing_together():
             return _run(opts, dist)
