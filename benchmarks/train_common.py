@@ -5,6 +5,7 @@ bundled Tiny Shakespeare, randomly initialised teachers of a chosen size, real c
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -164,3 +165,12 @@ class Timer:
 def command_line() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute()
                                  else sys.argv[0]] + sys.argv[1:])
+
+
+def print_ratio_table(rates: dict[str, list[float]], base_name: str) -> None:
+    """The rows of a Markdown table under a header the caller printed: each entry's median rate and its
+    ratio to base_name's median (the runs were side by side, so only the ratio is meaningful)."""
+    base = statistics.median(rates[base_name])
+    print("|---|---:|---:|")
+    for name, values in rates.items():
+        print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f}x |")
