@@ -174,3 +174,13 @@ def print_ratio_table(rates: dict[str, list[float]], base_name: str) -> None:
     print("|---|---:|---:|")
     for name, values in rates.items():
         print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f}x |")
+
+
+def print_layout_rows(paths: dict[str, Path], cpu_seconds: dict[str, list[float]], positions: int,
+                      base_name: str) -> None:
+    """The rows of a file-layout table under the caller's header: each file's size, positions decoded per
+    CPU-second (median of its rounds) and that rate over base_name's."""
+    base = positions / statistics.median(cpu_seconds[base_name])
+    for name, path in paths.items():
+        rate = positions / statistics.median(cpu_seconds[name])
+        print(f"| {name} | {path.stat().st_size / 2**20:,.2f} | {rate:,.0f} | {rate / base:.2f} |")
