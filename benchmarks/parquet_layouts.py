@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_layouts_"))
+    work.mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet
     cache = args.cache or synthetic_cache(work / "synthetic", rows=4000, length=128, k=64, vocab_size=32000)
     table = pq.read_table(cache / "data", columns=COLUMNS + ["positions"]).combine_chunks()
     positions = int(pa.compute.sum(pa.compute.list_value_length(table.column("positions"))).as_py())
