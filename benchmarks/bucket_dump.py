@@ -14,7 +14,6 @@ writer stays above the teacher's rate. Runs alternate so all see the same machin
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -22,7 +21,7 @@ import pyarrow.fs as pafs
 
 from bucket_loader import start_s3_server
 from dump_writer import synthetic_shard
-from train_common import command_line
+from train_common import command_line, print_ratio_table
 
 
 def positions_per_second(out, shard, shards: int, schema, k: int) -> float:
@@ -55,13 +54,10 @@ def main():
         for run in range(args.repeats):
             rates["local disk"].append(positions_per_second(tempfile.mkdtemp(), shard, args.shards, schema, k))
             rates["bucket"].append(positions_per_second(f"s3://bench/run{run}", shard, args.shards, schema, k))
-        base = statistics.median(rates["local disk"])
         print(f"| destination (bucket: moto on 127.0.0.1, +{args.latency_ms:g} ms per request) | writer positions/s "
               f"(1 thread, k = {k}, {args.shards} shards x {args.rows * length:,} positions, median of "
               f"{args.repeats}) | vs local |")
-        print("|---|---:|---:|")
-        for name, values in rates.items():
-            print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f}x |")
+        print_ratio_table(rates, "local disk")
     finally:
         server.stop()
 

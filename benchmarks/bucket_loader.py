@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import socket
-import statistics
 import threading
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from train_common import command_line, synthetic_cache
+from train_common import command_line, print_ratio_table, synthetic_cache
 
 
 class LatencyProxy:
@@ -122,12 +121,9 @@ def main():
                 stream_module.BUCKET_READ_AHEAD = ahead  # the forked loader workers inherit it
                 rates[name].append(positions_per_second(remote, batch_size=args.batch_size, workers=args.workers))
             stream_module.BUCKET_READ_AHEAD = True
-        base = statistics.median(rates["local disk"])
         print(f"| source (bucket: moto on 127.0.0.1, +{args.latency_ms:g} ms per request) | loader positions/s "
               f"({args.workers} workers, k = {args.k}, {args.rows:,} rows, median of {args.repeats}) | vs local |")
-        print("|---|---:|---:|")
-        for name, values in rates.items():
-            print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f}x |")
+        print_ratio_table(rates, "local disk")
     finally:
         server.stop()
 

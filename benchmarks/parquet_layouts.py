@@ -15,7 +15,6 @@ thread unless stated), medians of --repeats interleaved rounds, and the ratio to
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.schema import DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
-from train_common import command_line, synthetic_cache
+from train_common import command_line, print_layout_rows, synthetic_cache
 
 COLUMNS = ["topk_ids", "topk_logprobs"]
 
@@ -70,6 +69,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_layouts_"))
+    work.mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet
     cache = args.cache or synthetic_cache(work / "synthetic", rows=4000, length=128, k=64, vocab_size=32000)
     table = pq.read_table(cache / "data", columns=COLUMNS + ["positions"]).combine_chunks()
     positions = int(pa.compute.sum(pa.compute.list_value_length(table.column("positions"))).as_py())
@@ -91,10 +91,7 @@ def main():
     print(f"# {cache}: {table.num_rows:,} rows, {positions:,} top-k positions; medians of {args.repeats}")
     print("| layout | file MiB | top-k positions / CPU-second | ÷ v1 (zstd) |")
     print("|---|---:|---:|---:|")
-    base = positions / statistics.median(times["v1 (zstd)"])
-    for name, (path, _) in files.items():
-        rate = positions / statistics.median(times[name])
-        print(f"| {name} | {path.stat().st_size / 2**20:,.1f} | {rate:,.0f} | {rate / base:.2f} |")
+    print_layout_rows({name: path for name, (path, _) in files.items()}, times, positions, "v1 (zstd)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ for every row group, one thread. Reported: positions per CPU-second, medians of 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache.schema import DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
+from train_common import print_layout_rows
 
 COLUMNS = ["sample_ids", "sample_logprobs", "sample_counts"]
 
@@ -89,10 +89,7 @@ def main():
     print(f"# {args.cache}: {table.num_rows:,} rows, {positions:,} positions; medians of {args.repeats}")
     print("| layout | file MiB | positions / CPU-second | ÷ nested |")
     print("|---|---:|---:|---:|")
-    base = positions / statistics.median(times["nested"])
-    for name, (path, _) in files.items():
-        rate = positions / statistics.median(times[name])
-        print(f"| {name} | {path.stat().st_size / 2**20:,.2f} | {rate:,.0f} | {rate / base:.2f} |")
+    print_layout_rows({name: path for name, (path, _) in files.items()}, times, positions, "nested")
 
 
 if __name__ == "__main__":

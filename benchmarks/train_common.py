@@ -5,6 +5,7 @@ bundled Tiny Shakespeare, randomly initialised teachers of a chosen size, real c
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -164,3 +165,22 @@ class Timer:
 def command_line() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)) if Path(sys.argv[0]).is_absolute()
                                  else sys.argv[0]] + sys.argv[1:])
+
+
+def print_ratio_table(rates: dict[str, list[float]], base_name: str) -> None:
+    """The rows of a Markdown table under a header the caller printed: each entry's median rate and its
+    ratio to base_name's median (the runs were side by side, so only the ratio is meaningful)."""
+    base = statistics.median(rates[base_name])
+    print("|---|---:|---:|")
+    for name, values in rates.items():
+        print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f}x |")
+
+
+def print_layout_rows(paths: dict[str, Path], cpu_seconds: dict[str, list[float]], positions: int,
+                      base_name: str) -> None:
+    """The rows of a file-layout table under the caller's header: each file's size, positions decoded per
+    CPU-second (median of its rounds) and that rate over base_name's."""
+    base = positions / statistics.median(cpu_seconds[base_name])
+    for name, path in paths.items():
+        rate = positions / statistics.median(cpu_seconds[name])
+        print(f"| {name} | {path.stat().st_size / 2**20:,.2f} | {rate:,.0f} | {rate / base:.2f} |")
