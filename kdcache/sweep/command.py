@@ -11,10 +11,10 @@ from ..errors import KdcacheError
 from .launcher import Job, gpu_slots, run_jobs
 from .lr_rule import BASE_LR, BASE_WIDTH, RULES, default_rule, student_lr
 from .runs import (
-    SWEEP_OWNED_OPTIONS, TRAIN_LOG, TRAIN_SUMMARY, check_or_record, has_flag, has_progress,
-    is_finished, option_value, training_identity, without_options,
+    TRAIN_LOG, TRAIN_SUMMARY, check_or_record, has_flag, has_progress, is_finished, option_value,
+    training_identity, without_options,
 )
-from .specs import parse_students
+from .specs import SWEEP_OWNED_OPTIONS, parse_students
 
 
 def student_args(student, train_args: list[str], lr_rule: str):

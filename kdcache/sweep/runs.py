@@ -7,7 +7,7 @@ from pathlib import Path
 from ..cache.manifest import atomic_write_json
 from ..cache.storage import describe
 from ..errors import KdcacheError
-from .specs import SWEEP_OWNED_OPTIONS, Student  # noqa: F401  (SWEEP_OWNED_OPTIONS: re-exported)
+from .specs import Student
 
 # Written by the sweep into each run folder before training starts: the exact train-student
 # arguments, so a re-run can tell "resume this run" from "this folder holds something else".

@@ -21,10 +21,6 @@ class Student:
     spec: str   # what `train-student --student` gets: a preset, a config.json or a model dir
     options: tuple[tuple[str, str | None], ...] = ()  # per-student (--option, value or None for a flag)
 
-    @property
-    def option_names(self) -> tuple[str, ...]:
-        return tuple(option for option, _ in self.options)
-
     def option_args(self) -> list[str]:
         """The per-student options as train-student arguments."""
         args = []

@@ -41,7 +41,3 @@ class CalibrationBins:
         if n == 0:
             return None
         return float((self.confidence - self.correct).abs().sum() / n)
-
-    def mean_confidence(self) -> float | None:
-        n = float(self.count.sum())
-        return float(self.confidence.sum() / n) if n else None
