@@ -100,12 +100,12 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
         topk_ids = _flat(table.column(S.TOPK_IDS), 2)
         if topk_ids.size and int(topk_ids.max()) >= manifest.target_vocab_size:
             return f"top-k id {int(topk_ids.max())} >= target_vocab_size {manifest.target_vocab_size}"
-        problem = _check_logprobs(_flat(table.column(S.TOPK_LOGPROBS), 2), "top-k")
+        logprobs = _flat(table.column(S.TOPK_LOGPROBS), 2)
+        problem = _check_logprobs(logprobs, "top-k")
         if problem:
             return problem
         k = manifest.k
-        logprobs = _flat(table.column(S.TOPK_LOGPROBS), 2).astype(np.float32)
-        if logprobs.size and (np.diff(logprobs.reshape(-1, k), axis=1) > 0).any():
+        if logprobs.size and (np.diff(logprobs.reshape(-1, k).astype(np.float32), axis=1) > 0).any():
             return "top-k log-probs are not sorted in descending order"
         topk_ids = topk_ids.reshape(-1, k)
     if S.has_samples(kind):
