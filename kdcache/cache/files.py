@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,22 +34,26 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def _replacing(path: Path):
+    """The temporary sibling to write `path` through; fsynced and renamed over `path` when the block ends."""
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a half-written file is never used; on a full disk its space is wanted back
+        raise
+
+
 def atomic_write_bytes(path: Path | ObjectPath, data: bytes) -> None:
     """Readers see the old file or the new one, never a part."""
     if isinstance(path, ObjectPath):
         path.write_bytes(data)  # one PUT: visible only once complete
         return
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # on a full disk, the space it took is wanted back
-        raise
+    with _replacing(Path(path)) as tmp:
+        tmp.write_bytes(data)
 
 
 def json_bytes(obj) -> bytes:
@@ -71,14 +76,8 @@ def write_parquet(table: pa.Table, path: Path | ObjectPath, **options) -> tuple[
         data = sink.getvalue()
         path.write_bytes(data)
         return data.size, hashlib.sha256(data).hexdigest()
-    tmp = temp_name(path)
-    try:
+    with _replacing(path) as tmp:
         pq.write_table(table, tmp, **options)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a half-written file is never used; free its space now
-        raise
     return path.stat().st_size, file_sha256(path)
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import KdcacheError
-from .files import atomic_write_json, file_sha256, remove_temp_files, write_parquet  # noqa: F401 - file_sha256 re-exported
+from .files import atomic_write_json, remove_temp_files, write_parquet
 from .manifest import resolve_inside, writing
 from .storage import ObjectPath, location, parquet_file
 from .schema import (

@@ -6,7 +6,7 @@ cache reader uses, so the reading code is the same for both. Credentials, endpoi
 from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
 AWS_DEFAULT_REGION), so any S3-compatible store (MinIO, Ceph, R2) works.
 
-Files are opened with `open_input` (random access: Parquet reads footers and single row groups, so
+Shards are opened with `parquet_file` (random access: Parquet reads footers and single row groups, so
 a stream fetches only the row groups it decodes) and small folders the Hugging Face loaders need
 on disk (the tokenizer) are copied once per process by `local_dir`.
 """
@@ -175,11 +175,6 @@ def location(where: str | Path | ObjectPath) -> Path | ObjectPath:
     if isinstance(where, str) and where.startswith("file://"):
         return Path(where[len("file://"):])
     return Path(where)
-
-
-def open_input(path: Path | ObjectPath):
-    """What pyarrow.parquet.ParquetFile opens: the local path, or a random-access object file."""
-    return path.open_input() if isinstance(path, ObjectPath) else path
 
 
 _local_copies: dict[str, Path] = {}

@@ -2,6 +2,7 @@
 and for sampled targets the draw counts (Σ counts = N per position, ids unique per position)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,7 @@ import pyarrow.parquet as pq
 from ..errors import KdcacheError
 from . import schema as S
 from .manifest import CacheManifest, read_manifest_view, resolve_inside, view
-from .storage import location, open_input
-from .files import file_sha256
+from .storage import location
 
 
 def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
@@ -73,10 +73,11 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
         return "file is missing"
     if path.stat().st_size != entry["bytes"]:
         return f"size {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-    if file_sha256(path) != entry["sha256"]:
+    data = path.read_bytes()  # read once (one download from a bucket): hashed, then parsed
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         return "sha256 does not match the manifest (corrupted or modified)"
     try:
-        table = pq.read_table(open_input(path), page_checksum_verification=True)
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad shard
         return f"unreadable Parquet ({type(e).__name__})"
     expected = S.schema_for_manifest(manifest.raw)
@@ -100,12 +101,12 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
         topk_ids = _flat(table.column(S.TOPK_IDS), 2)
         if topk_ids.size and int(topk_ids.max()) >= manifest.target_vocab_size:
             return f"top-k id {int(topk_ids.max())} >= target_vocab_size {manifest.target_vocab_size}"
-        problem = _check_logprobs(_flat(table.column(S.TOPK_LOGPROBS), 2), "top-k")
+        logprobs = _flat(table.column(S.TOPK_LOGPROBS), 2)
+        problem = _check_logprobs(logprobs, "top-k")
         if problem:
             return problem
         k = manifest.k
-        logprobs = _flat(table.column(S.TOPK_LOGPROBS), 2).astype(np.float32)
-        if logprobs.size and (np.diff(logprobs.reshape(-1, k), axis=1) > 0).any():
+        if logprobs.size and (np.diff(logprobs.reshape(-1, k).astype(np.float32), axis=1) > 0).any():
             return "top-k log-probs are not sorted in descending order"
         topk_ids = topk_ids.reshape(-1, k)
     if S.has_samples(kind):

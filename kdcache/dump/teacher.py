@@ -107,8 +107,6 @@ def weights_fingerprint(folder: Path | None, gguf_file: str | None) -> str | Non
     return files_sha256(files)
 
 
-
-
 def _hub_snapshot(repo_id: str) -> Path:
     """Download (or find cached) a hub model, so its files can be fingerprinted like a local folder."""
     try:
