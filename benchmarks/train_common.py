@@ -106,7 +106,7 @@ def synthetic_cache(out: Path, *, rows: int, length: int, k: int, vocab_size: in
     import numpy as np
     import pyarrow as pa
 
-    from kdcache.cache.manifest import atomic_write_json
+    from kdcache.cache.files import atomic_write_json
     from kdcache.cache.schema import FORMAT_VERSION, arrow_schema
     from kdcache.cache.shards import write_shard
 

@@ -99,7 +99,7 @@ def tiled_real_cache(source: Path, out: Path, rows: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdcache.cache.manifest import atomic_write_json
+    from kdcache.cache.files import atomic_write_json
     from kdcache.cache.shards import write_shard
 
     if (out / "manifest.json").is_file():

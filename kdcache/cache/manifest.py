@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import KdcacheError
-from .files import atomic_write_bytes, atomic_write_json  # noqa: F401 - re-exported for older imports
+from .files import atomic_write_json
 from .schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_FORMAT_VERSIONS, TOKENIZER_DIR, targets_of
 from .storage import ObjectPath, location
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..cache.manifest import atomic_write_bytes, read_manifest
+from ..cache.files import atomic_write_bytes
+from ..cache.manifest import read_manifest
 from ..cache.schema import TOP_K, describe_targets, targets_of
 from ..cache.storage import location
 from ..errors import KdcacheError

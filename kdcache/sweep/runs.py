@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cache.manifest import atomic_write_json
+from ..cache.files import atomic_write_json
 from ..cache.storage import describe
 from ..errors import KdcacheError
 from .specs import Student
