@@ -155,7 +155,8 @@ def markdown(result: dict, answers_file: str) -> list[str]:
     lines = ["## Side-by-side answers", "",
              f"Greedy replies, at most {result['max_new_tokens']} new tokens (… marks a reply cut there), to the prompts "
              f"in `{answers_file}`, each rendered with the cache's chat template; all of them in `{ANSWERS_JSON}`."]
-    lines += [f"{note}" for note in result.get("notes") or []]
+    for note in result.get("notes") or []:
+        lines += ["", f"> {note}"]
     for number, entry in enumerate(result["prompts"], start=1):
         messages = entry["messages"]
         earlier = len(messages) - 1
