@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..cache.files import atomic_write_bytes
+from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import read_manifest
 from ..cache.schema import TOP_K, describe_targets, targets_of
 from ..cache.storage import location
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
+from .answers import ANSWERS_JSON, Answerer, chat_tokenizer, echo_lines, read_prompts, side_by_side
+from .answers import markdown as answers_markdown
 from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
 from .flags import curve_flags, majority_rates, run_flags
 from .runs import SWEEP_RECORD, read_json
@@ -25,10 +27,14 @@ MODE_ORDER = {"cached KD": 0, "online KD": 1, "hard labels": 2}
 
 
 def teacher_dir(manifest: dict, override: Path | None) -> Path | None:
-    """A teacher folder `kdcache evaluate` can load: --teacher, else the cache's teacher if it is a model dir."""
+    """A teacher folder `kdcache evaluate` can load: --teacher, else the cache's teacher if it is a model dir.
+    A .gguf --teacher answers prompts (--answers) but is not evaluated: its row comes from the cache."""
     if override is not None:
+        if Path(override).is_file() and Path(override).suffix == ".gguf":
+            return None
         if not (Path(override) / "config.json").is_file():
-            raise KdcacheError(f"--teacher {override} is not a model directory (no config.json); pass the teacher's save_pretrained folder")
+            raise KdcacheError(f"--teacher {override} is not a model directory (no config.json) or a .gguf file; "
+                               "pass the teacher's save_pretrained folder")
         return Path(override)
     teacher = manifest.get("teacher") or {}
     source = teacher.get("source")
@@ -71,11 +77,18 @@ def teacher_row(manifest: dict, runs, metrics: dict | None) -> dict:
               help="Held-out cache to evaluate on (same teacher and tokenizer as the training cache, other text): "
                    "a folder or an s3:// (gs://, hdfs://) URI.")
 @click.option("--teacher", "teacher_override", type=click.Path(path_type=Path), default=None,
-              help="Teacher model dir for the teacher row [default: the eval cache's teacher when it is a model dir].")
+              help="Teacher model dir for the teacher row, or a .gguf file (then it only answers --answers prompts) "
+                   "[default: the eval cache's teacher].")
 @click.option("--teacher-eval/--no-teacher-eval", default=True, show_default=True,
               help="Evaluate the teacher itself for its row (else: its accuracy from the cache only).")
 @click.option("--fresh", is_flag=True, help="Re-evaluate every student even if RUNS/<name>/eval.json is current.")
-def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, teacher_eval: bool, fresh: bool):
+@click.option("--answers", "answers_file", type=click.Path(path_type=Path), default=None, metavar="PROMPTS.jsonl",
+              help='Add side-by-side answers: the teacher\'s and each student\'s greedy reply to every prompt in this file, '
+                   'one {"messages": [{"role": "user", "content": "..."}]} per line (causal LMs with a chat template).')
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="Longest reply for --answers, in tokens.")
+def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, teacher_eval: bool, fresh: bool,
+               answers_file: Path | None, max_new_tokens: int):
     """Evaluate every student of a sweep and write RUNS/report.md and RUNS/report.png.
 
     The table has one row per finished student (parameters, train tokens/s, KL to the teacher,
@@ -83,10 +96,13 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
     headline metric against student size with the teacher as a line. The report also states the
     amortisation: the measured one-time teacher pass vs the teacher time online KD would spend.
     Evaluations are kept in RUNS/<name>/eval.json, so re-running after adding a student is quick.
+    With --answers, the report also shows the teacher's and every student's greedy reply to a few
+    held-out prompts side by side (RUNS/answers.json holds them all).
 
     \b
     Example:
       kdcache report runs/sweep --eval-cache runs/eval-cache
+      kdcache report runs/sweep --eval-cache runs/eval-cache --answers prompts.jsonl --max-new-tokens 64
     """
     eval_cache = location(eval_cache)  # a folder, or an object-store prefix kept as a URI
     runs, unfinished = find_runs(runs_dir)
@@ -94,6 +110,14 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
     if not eval_manifest.get("complete", True):
         raise KdcacheError(f"eval cache {eval_cache} is incomplete; finish it by re-running its `kdcache dump-logits` command")
     task = eval_manifest.get("task")
+    prompts = tokenizer = None
+    if answers_file is not None:  # every check on the prompts before the slow evaluations
+        if task != "clm":
+            raise KdcacheError(f"--answers needs causal-LM students; the eval cache {eval_cache} is a {task} cache")
+        from ..cache.stream import open_cache  # imports torch: only when needed
+
+        prompts = read_prompts(answers_file)
+        tokenizer = chat_tokenizer(open_cache(eval_cache).tokenizer_dir)
 
     caches = Counter(str(c) for c in (train_cache(r) for r in runs if r.mode == "cached KD") if c)
     train_manifest = None
@@ -119,8 +143,13 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
     teacher = teacher_row(eval_manifest, runs, teacher_metrics)
 
     use_ppl = task in ("mlm", "clm") and any(r.metrics.get("perplexity") is not None for r in runs)
+    from ..train.evaluate import token_scope  # here: `kdcache report --help` should not load torch
+
+    scope = token_scope(eval_manifest)  # "assistant-token" on chat caches
     metric, label = ("perplexity", "held-out perplexity (lower is better)") if use_ppl else (
         "accuracy", "held-out accuracy (higher is better)")
+    if scope:
+        label = label.replace("held-out ", f"held-out {scope} ")
     majority = majority_rates(eval_cache)
     flags = [f for r in runs for f in run_flags(r, runs_dir, majority, teacher.get("accuracy"))]
     flags += curve_flags(runs, runs_dir, metric, skip={f.name for f in flags})
@@ -154,6 +183,9 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
         + ("" if teacher_metrics is not None else " The teacher row's KL and agreement are 0 and 1 by definition "
            "(the teacher was not re-evaluated)."),
     ]
+    if scope:
+        md += ["", f"Chat cache: every metric is {scope} (the positions whose next token is the assistant's, "
+               "its end-of-turn marker included), each model seeing the whole conversation before it."]
     if unfinished:
         md += ["", "Not in the table (unfinished): " + ", ".join(f"`{p.name}`" for p in unfinished) + "."]
     md += ["", "## Flags", ""]
@@ -163,6 +195,12 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
     if amort is not None:
         md += ["", "## Amortisation", ""] + [f"- {line}" for line in amort.lines()]
     md += ["", f"![{label} vs student parameters]({REPORT_PNG})", ""]
+    answers = None
+    if prompts is not None:
+        answers = side_by_side(prompts, answerers(rows, runs, teacher, eval_manifest, teacher_override), tokenizer,
+                               max_new_tokens=max_new_tokens, echo=lambda line: click.echo(line))
+        atomic_write_json(Path(runs_dir) / ANSWERS_JSON, answers)
+        md += answers_markdown(answers, str(answers_file)) + [""]
     atomic_write_bytes(Path(runs_dir) / REPORT_MD, "\n".join(md).encode())
 
     click.echo("")
@@ -173,4 +211,31 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
         click.echo("")
         for line in amort.lines():
             click.echo(line.replace("**", ""))
-    click.echo(f"\nwrote {Path(runs_dir) / REPORT_MD} and {png}")
+    if answers is not None:
+        click.echo("")
+        for line in echo_lines(answers):
+            click.echo(line)
+    click.echo(f"\nwrote {Path(runs_dir) / REPORT_MD} and {png}" + (f" and {Path(runs_dir) / ANSWERS_JSON}" if answers else ""))
+
+
+def answerers(rows: list[dict], runs, teacher: dict, manifest: dict, override: Path | None) -> list[Answerer]:
+    """The teacher (when it can be loaded) then every student, in the table's order."""
+    import torch
+
+    from ..dump.teacher import load_teacher
+    from ..models import auto_class
+    from ..train.students import load_pretrained, teacher_source
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = {r.name: r.path for r in runs}
+    out = []
+    folder, gguf = teacher_source(manifest, override)
+    if folder is not None:
+        source = str(Path(folder) / gguf) if gguf and Path(folder).is_dir() else folder
+        out.append(Answerer("teacher", teacher["mode"], lambda: load_teacher(source, task="clm", dtype=torch.float32,
+                                                                             device=device).model,
+                            optional=override is None))
+    for r in rows:
+        out.append(Answerer(r["name"], r["mode"], lambda path=paths[r["name"]]: load_pretrained(
+            auto_class("clm"), path, dtype=torch.float32).to(device).eval()))
+    return out

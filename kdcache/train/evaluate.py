@@ -16,6 +16,10 @@ Metrics (one dict; the keys of `kdcache evaluate --json`):
   teacher_accuracy, teacher_perplexity   the same for the teacher, from the cache alone
                   (perplexity only if every label is among the stored ids; accuracy uses the same
                   stand-in top-1 as top1_agreement)
+  token_scope     "assistant-token" for a chat cache whose targets are the assistant's tokens
+                  (manifest "chat"), else None. Every metric above is over the cached positions only,
+                  and the model sees each row whole, so on a chat cache they are assistant-token
+                  metrics with the whole conversation as context.
 """
 from __future__ import annotations
 
@@ -86,7 +90,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     lm = task in ("mlm", "clm")
     return {
         "task": task, "model": str(model_dir), "cache": str(cache_dir), "k": cache.k,
-        "targets": cache.view.target_kind,
+        "targets": cache.view.target_kind, "token_scope": token_scope(cache.view.raw),
         "rows": int(s["rows"]), "positions": int(n), "labelled_positions": int(labelled),
         "kl": s["kl"] / n if n else None,
         "top1_agreement": s["agree"] / n if n else None,
@@ -97,6 +101,15 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         "teacher_perplexity": (_perplexity(s["t_ce"] / labelled)
                                if lm and labelled and s["t_covered"] == labelled else None),
     }
+
+
+def token_scope(manifest: dict) -> str | None:
+    """What the cached positions are, when not every token: "assistant-token" for chat caches that
+    target the assistant's replies (all of them, or the last one)."""
+    chat = manifest.get("chat")
+    if isinstance(chat, dict) and chat.get("targets_on", "assistant") in ("assistant", "last-assistant"):
+        return "assistant-token"
+    return None
 
 
 def _perplexity(mean_ce: float) -> float:

@@ -36,6 +36,10 @@ def evaluate_cmd(model_dir, cache_dir, batch_size, device, max_rows, as_json):
     click.echo(f"{metrics['model']} on {metrics['cache']} ({metrics['task']}, {metrics['rows']:,} rows, "
                f"{metrics['positions']:,} target positions, {metrics['labelled_positions']:,} labelled, "
                f"{metrics.get('targets', 'top-k')} targets, k={metrics['k']})")
+    scope = metrics.get("token_scope")  # "assistant-token" on chat caches: say what was scored
+    width = 50 if scope else 34
     for key, title, pattern in LABELS:
         value = metrics.get(key)
-        click.echo(f"  {title:<34} {'—' if value is None else pattern.format(value)}")
+        if scope and key in ("kl", "top1_agreement", "perplexity", "teacher_perplexity"):
+            title = f"{scope} {title}"
+        click.echo(f"  {title:<{width}} {'—' if value is None else pattern.format(value)}")
