@@ -13,10 +13,9 @@ import os
 
 import pytest
 
-from conftest import shakespeare_lines
 from kdcache.train.loop import TrainConfig, train
 from kdcache.train.students import Sizes
-from stage2_helpers import MLM, cli_ok, teacher_cache
+from stage2_helpers import MLM, cli_ok, write_cache
 
 TINY = Sizes(layers=1, hidden=32, heads=2, intermediate=64)
 # name -> (cache, options); every run: 4 steps, batch 8, 0 workers, log every step, seed 3.
@@ -31,24 +30,53 @@ RUNS = {
 }
 PINS = {
     # recorded from the original code (commit cdf8ae6) with KDCACHE_RECORD_PINS=1
-    'topk_renorm': [[4.9635725021362305, 3.9263100624084473, 6.000834941864014], [4.95350456237793, 3.910688877105713, 5.996320724487305], [4.939444065093994, 3.889511823654175, 5.989376544952393], [4.942119598388672, 3.8868634700775146, 5.99737548828125]],
-    'topk_t2_accum_chunked': [[10.840609550476074, 15.680852890014648, 6.000365257263184], [10.815272331237793, 15.632957458496094, 5.997587203979492], [10.773866653442383, 15.575437545776367, 5.972295761108398], [10.750929832458496, 15.545698165893555, 5.956161975860596]],
-    'topk_bucket_t2': [[3.5724010467529297, 2.5316436290740967, 6.000834941864014], [3.5611939430236816, 2.5177814960479736, 5.995822906494141], [3.543508529663086, 2.495478630065918, 5.988912105560303], [3.543717861175537, 2.492129325866699, 5.997424602508545]],
-    'hard_only': [[6.000834941864014, None, 6.000834941864014], [5.995983123779297, None, 5.995983123779297], [5.991604804992676, None, 5.991604804992676], [5.998331069946289, None, 5.998331069946289]],
-    'online_t2': [[3.00663685798645, 0.012438571080565453, 6.000834941864014], [3.0040814876556396, 0.012297708541154861, 5.995865345001221], [3.0018279552459717, 0.012370769865810871, 5.99128532409668], [3.0053277015686035, 0.012333155609667301, 5.998322010040283]],
+    'topk_renorm': [[3.75864839553833, 2.7265470027923584, 4.790749549865723], [3.7686355113983154, 2.714777946472168, 4.822493076324463], [3.746936082839966, 2.6923255920410156, 4.801546573638916], [3.7334070205688477, 2.6801960468292236, 4.786618232727051]],
+    'topk_t2_accum_chunked': [[7.83796501159668, 10.870332717895508, 4.805596351623535], [7.802402496337891, 10.810747146606445, 4.7940568923950195], [7.786140441894531, 10.773839950561523, 4.798440933227539], [7.768499374389648, 10.742359161376953, 4.7946391105651855]],
+    'topk_bucket_t2': [[3.078190326690674, 2.344236373901367, 4.790749549865723], [3.078857898712158, 2.332096815109253, 4.821300506591797], [3.058136463165283, 2.3102622032165527, 4.803176403045654], [3.0446786880493164, 2.2978947162628174, 4.787174701690674]],
+    'hard_only': [[4.790749549865723, None, 4.790749549865723], [4.8236470222473145, None, 4.8236470222473145], [4.800867080688477, None, 4.800867080688477], [4.779287338256836, None, 4.779287338256836]],
+    'online_t2': [[2.4018924236297607, 0.013035355135798454, 4.790749549865723], [2.418447494506836, 0.013451861217617989, 4.8234429359436035], [2.407024621963501, 0.01329062506556511, 4.8007588386535645], [2.396638870239258, 0.013486530631780624, 4.779791355133057]],
     'sampled_clm': [[1.2075251340866089, 0.011617995798587799, 5.991153717041016], [1.2106025218963623, 0.017544269561767578, 5.982835292816162], [1.2045001983642578, 0.012550748884677887, 5.972297668457031], [1.2058780193328857, 0.013514049351215363, 5.975334167480469]],
     'sampled_clm_t2_chunked': [[3.0015671253204346, 0.011980436742305756, 5.991153717041016], [3.0077638626098633, 0.03334244340658188, 5.982185363769531], [2.996074676513672, 0.020900124683976173, 5.971249103546143], [2.99523663520813, 0.016754887998104095, 5.973718166351318]],
 }
 
 
+def mlm_teacher_cache(root):
+    """A random tiny BERT teacher and a top-8 cache of random masked rows under it, from seeds
+    only (the fixture tokenizers' WordPiece training is not reproducible across processes)."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    teacher = BertForMaskedLM(config).eval()
+    teacher.save_pretrained(root / "teacher")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        ids = rng.integers(5, 120, int(rng.integers(8, 24))).tolist()
+        positions = sorted(rng.choice(len(ids), max(1, len(ids) // 3), replace=False).tolist())
+        masked = [4 if p in positions else t for p, t in enumerate(ids)]
+        with torch.no_grad():
+            logprobs = teacher(input_ids=torch.tensor([masked])).logits[0, positions].log_softmax(-1)
+        top = logprobs.topk(8, dim=-1)
+        rows.append({"example_id": i, "input_ids": masked, "positions": positions, "labels": [ids[p] for p in positions],
+                     "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.half().tolist()})
+    teacher_info = {"source": str(root / "teacher"), "model_type": "bert"}
+    cache = write_cache(root / "mlm", rows, task=MLM, k=8, vocab_size=120, max_length=32, shard_rows=24,
+                        row_group_rows=8, special_token_ids={"pad": 0, "mask": 4}, teacher=teacher_info)
+    return cache, root / "teacher"
+
+
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory, tiny_bert_mlm, tiny_llama_clm, shakespeare_txt):
+def caches(tmp_path_factory, tiny_llama_clm, shakespeare_txt):
     root = tmp_path_factory.mktemp("pins")
-    mlm = teacher_cache(root / "mlm", tiny_bert_mlm, MLM, shakespeare_lines(60)[:48], k=8, row_group_rows=8)
+    mlm, mlm_teacher = mlm_teacher_cache(root)
     clm = root / "clm"
     cli_ok(["dump-logits", "--teacher", tiny_llama_clm, "--data", shakespeare_txt, "--out", clm, "--limit", 40,
             "--max-length", 24, "--targets", "top-k+sample", "--top-k", 4, "--samples", 8, "--no-progress"])
-    return {"mlm": mlm, "clm": clm, "teachers": {"mlm": tiny_bert_mlm, "clm": tiny_llama_clm}}
+    return {"mlm": mlm, "clm": clm, "teachers": {"mlm": mlm_teacher, "clm": tiny_llama_clm}}
 
 
 def run_losses(caches, name, out):
