@@ -37,6 +37,8 @@ training_args = TrainingArguments(
     learning_rate=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,
     warmup_steps=kdcache.default_warmup(args.max_steps), lr_scheduler_type="linear", max_grad_norm=1.0,
     dataloader_num_workers=2, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+    use_cpu=not torch.cuda.is_available(),  # on CPU, also what makes torchrun processes use DDP (gloo)
+    ddp_find_unused_parameters=False,  # every parameter is used: skip the extra graph traversal
     logging_steps=10, report_to=[], disable_tqdm=True)
 losses = args.out / "losses.jsonl"
 if not args.resume:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..cache.stream import OpenCache, open_cache
 from ..errors import KdcacheError
@@ -42,6 +42,7 @@ from ..train.optim import adamw
 from ..train.step import student_loss
 
 STREAM_STATE = "kdcache_stream.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # written last into a Trainer checkpoint (transformers.trainer)
 
 
 class KDTrainer(Trainer):
@@ -142,7 +143,7 @@ class KDTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise KdcacheError(f"resume_from_checkpoint=True: {self.args.output_dir} holds no checkpoint-N folder; "
                                    "train without resuming, or point output_dir at the run to continue")
@@ -171,6 +172,18 @@ class KDTrainer(Trainer):
         self.kd_losses_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.kd_losses_file, "a") as f:
             f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint-N folder that was finished: Trainer writes trainer_state.json last, so a
+    run killed while saving leaves a folder without it, which resuming must skip (Trainer's own
+    get_last_checkpoint would pick it)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[-1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE_NAME).is_file() and (p / STREAM_STATE).is_file()]
+    return str(max(steps)[1]) if steps else None
 
 
 class _KDCallback(TrainerCallback):
