@@ -21,7 +21,7 @@ from kdcache.errors import KdcacheError
 from stage2_helpers import cli_ok
 from torchrun_helpers import torchrun
 
-STEPS = 20
+STEPS = 24  # > one epoch of these caches (77 rows / 4 per step): the epoch boundary is crossed too
 FLAGS = ["--max-steps", STEPS, "--batch-size", 4, "--lr", "1e-3", "--seed", 1]
 
 
@@ -143,6 +143,23 @@ def test_trainer_refuses_a_model_of_another_task(setup, tmp_path):
         trainer.train()
     with pytest.raises(KdcacheError, match="train_dataset"):
         KDTrainer(model=model, args=args, train_dataset=[1, 2])
+    import kdcache
+    with pytest.raises(KdcacheError, match="TrainStream was made for"):
+        KDTrainer(model=model, args=args, train_dataset=kdcache.TrainStream(setup["caches"]["top-k"], batch_size=3))
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    from kdcache.integrations.transformers import STREAM_STATE, last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, files in ((5, ["trainer_state.json", STREAM_STATE]), (10, [STREAM_STATE, "model.safetensors"]),
+                        (3, ["trainer_state.json", STREAM_STATE])):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+    # checkpoint-10 was being written when the run was killed (no trainer_state.json yet).
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
 
 
 def readme_snippets() -> list[str]:

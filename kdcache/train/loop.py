@@ -1,8 +1,9 @@
 """The training loop: plain PyTorch, read top to bottom (after nanoGPT's train.py).
 
-cache -> CacheStream (this rank's partition) -> student body -> output layer at the targets
+cache -> TrainStream (this rank's partition) -> student body -> output layer at the targets
 -> DistillLoss -> AdamW + warmup/decay schedule, with grad accumulation, clipping, autocast on
-CUDA, DDP under torchrun, atomic checkpoints and exact resume.
+CUDA, DDP under torchrun, atomic checkpoints and exact resume. `_train` is the recipe, built from
+the public pieces (kdcache/__init__.py) that examples/own_loop.py and KDTrainer use as well.
 """
 from __future__ import annotations
 
