@@ -118,7 +118,8 @@ class KDTrainer(Trainer):
         # student's forward standing in for the loss computation for this one call.
         with _forward_as(inner, forward), self.accelerator.autocast():
             loss, kd, hard = model(inputs)
-        self._kd_step_losses.append(loss.detach())
+        if model.training:  # only training micro-batches make up the step's loss
+            self._kd_step_losses.append(loss.detach())
         return (loss, {"kd": kd, "hard": hard}) if return_outputs else loss
 
     # -- optimiser -----------------------------------------------------------------------------
