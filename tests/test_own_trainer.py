@@ -180,3 +180,29 @@ def test_readme_snippets_run(setup, tmp_path, monkeypatch):
     for code in snippets:
         exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_train_stream_runs_epochs_and_restores_mid_epoch_and_past_a_boundary(tmp_path):
+    import kdcache
+    from stage2_helpers import synthetic_cache
+
+    cache = kdcache.open_cache(synthetic_cache(tmp_path / "cache", num_rows=150))
+    assert cache.num_rows == 150 and cache.target_kind == "top-k" and cache.num_positions > 150
+
+    def ids(stream, n):
+        return [b["example_id"].tolist() for _, b in zip(range(n), stream)]
+
+    straight = kdcache.TrainStream(cache, batch_size=16, seed=4, num_workers=0, world_size=1, rank=0)
+    assert straight.steps_per_epoch() == 10
+    everything = ids(straight, 25)  # two and a half epochs
+    for epoch in (0, 1):
+        rows = sum(everything[10 * epoch:10 * epoch + 10], [])
+        assert sorted(rows) == list(range(1000, 1150))  # every row once per epoch
+    assert everything[:10] != everything[10:20]  # reshuffled per epoch
+    for cut in (7, 13):
+        first = kdcache.TrainStream(cache, batch_size=16, seed=4, num_workers=0, world_size=1, rank=0)
+        ids(first, cut)
+        state = json.loads(json.dumps(first.state_dict()))  # plain JSON
+        again = kdcache.TrainStream(cache, batch_size=16, seed=4, num_workers=0, world_size=1, rank=0)
+        again.load_state_dict(state)
+        assert ids(again, 25 - cut) == everything[cut:], cut

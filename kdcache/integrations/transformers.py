@@ -88,7 +88,7 @@ class KDTrainer(Trainer):
                 raise KdcacheError(f"KDTrainer: the TrainStream was made for {have} (rank {given.dataset.rank}), "
                                    f"TrainingArguments say {want} (rank {a.process_index}); pass the cache instead "
                                    "and let the Trainer's settings decide")
-            if given.dataset.soft_targets != self.kd_loss.uses_soft_targets and self.kd_loss.uses_soft_targets:
+            if self.kd_loss.uses_soft_targets and not given.dataset.soft_targets:
                 raise KdcacheError("KDTrainer: the TrainStream was made with soft_targets=False but the loss's alpha > 0 "
                                    "needs them; make it with soft_targets=True")
             return given
