@@ -88,6 +88,19 @@ class OpenCache:
     def has_token_type_ids(self) -> bool:
         return self.view.token_type_ids
 
+    @property
+    def target_kind(self) -> str:
+        return self.view.target_kind  # top-k, sample or top-k+sample
+
+    @property
+    def num_positions(self) -> int:
+        return sum(int(shard.get("positions", 0)) for shard in self.view.shards)
+
+    def load_tokenizer(self):
+        """The cache's tokenizer (the one its ids are in), as a transformers tokenizer."""
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+
 
 def open_cache(cache_dir: str | Path) -> OpenCache:
     """Check a cache before training on it; every problem is a one-line KdcacheError."""

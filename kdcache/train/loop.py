@@ -1,8 +1,9 @@
 """The training loop: plain PyTorch, read top to bottom (after nanoGPT's train.py).
 
-cache -> CacheStream (this rank's partition) -> student body -> output layer at the targets
+cache -> TrainStream (this rank's partition) -> student body -> output layer at the targets
 -> DistillLoss -> AdamW + warmup/decay schedule, with grad accumulation, clipping, autocast on
-CUDA, DDP under torchrun, atomic checkpoints and exact resume.
+CUDA, DDP under torchrun, atomic checkpoints and exact resume. `_train` is the recipe, built from
+the public pieces (kdcache/__init__.py) that examples/own_loop.py and KDTrainer use as well.
 """
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import enclosing_cache
 from ..cache.schema import TOP_K
 from ..cache.storage import describe
-from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, CacheStream, StreamLoader, open_cache
+from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, open_cache
 from ..errors import KdcacheError
 from .. import distributed
 from . import checkpoint
-from .forward import target_hidden, target_logits
+from .batches import TrainStream
+from .forward import target_logits
 from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
 from ..models import auto_class
+from .optim import adamw, lr_schedule
+from .step import StudentLoss  # noqa: F401  (re-exported: benchmarks import it from here)
 from .students import Sizes, build_student, init_from_teacher, load_pretrained, plan_student
 from .watch import LossWatch
 
@@ -76,19 +80,6 @@ class TrainConfig:
     progress: bool = True
 
 
-class StudentLoss(torch.nn.Module):
-    """Student + loss in one module, so DDP's forward sees the whole computation."""
-
-    def __init__(self, model, task: str, loss_fn: DistillLoss):
-        super().__init__()
-        self.model, self.task, self.loss_fn = model, task, loss_fn
-
-    def forward(self, batch: dict, teacher_logits=None):
-        hidden, head = target_hidden(self.model, self.task, batch)
-        out = self.loss_fn(hidden, head, batch, teacher_logits=teacher_logits)
-        return out.loss, out.kd, out.hard
-
-
 def _autocast(device: torch.device, precision: str):
     """(autocast context factory, grad scaler or None). Mixed precision only on CUDA."""
     if device.type != "cuda" or precision == "fp32":
@@ -98,21 +89,6 @@ def _autocast(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-
-
-def _optimizer(model, lr: float, weight_decay: float, device: torch.device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]      # matrices and embeddings
-    no_decay = [p for p in params if p.dim() < 2]    # biases and norms
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-
-
-def _batches(loader: StreamLoader):
-    """Endless micro-batches: every row of each epoch once; every rank reads the same number."""
-    while True:
-        yield from loader
-        loader.next_epoch()
 
 
 def _check_out_dir(out: Path, resume: bool, cache_dir: Path) -> dict | None:
@@ -195,27 +171,24 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
 
 
 def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
+    """The recipe: student, loss, stream, optimiser; resume; steps; save."""
     device = dist.device
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_student(plan, task)
     layer_map = init_from_teacher(model, task, cache.view, cfg.teacher) if cfg.init_from_teacher else None
     model.to(device)
-    num_parameters = sum(p.numel() for p in model.parameters())
     teacher = _load_teacher(Path(cfg.online_teacher), task, cache, device) if cfg.online_teacher else None
 
     loss_fn = DistillLoss(cfg.temperature, cfg.alpha, cfg.tail, cfg.chunk_elements)
     # Soft targets are decoded only when the KD term uses them from the cache.
-    stream = CacheStream(cache, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank,
-                         world_size=dist.world_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                         soft_targets=loss_fn.uses_soft_targets and teacher is None, grad_accum=cfg.grad_accum)
-    loader = StreamLoader(stream, pin_memory=device.type == "cuda")
-    steps_per_epoch = stream.steps_per_epoch()  # ceil(rows / global batch): the last step may be short
+    batches = TrainStream(cache, batch_size=cfg.batch_size, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                          rank=dist.rank, world_size=dist.world_size, num_workers=cfg.num_workers,
+                          shuffle_buffer=cfg.shuffle_buffer, pin_memory=device.type == "cuda",
+                          soft_targets=loss_fn.uses_soft_targets and teacher is None)
+    steps_per_epoch = batches.steps_per_epoch()  # ceil(rows / global batch): the last step may be short
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.epochs or 1.0) * steps_per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.06 * total_steps)
-
-    from transformers import get_scheduler
-    optimizer = _optimizer(model, cfg.lr, cfg.weight_decay, device)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
+    scheduler = lr_schedule(optimizer, total_steps, cfg.warmup_steps, cfg.scheduler)
     autocast, scaler = _autocast(device, cfg.precision)
     net = StudentLoss(model, task, loss_fn)
     if dist.enabled:
@@ -226,142 +199,56 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
                 "temperature": cfg.temperature, "alpha": cfg.alpha, "tail": cfg.tail,
                 "online_teacher": str(cfg.online_teacher) if cfg.online_teacher else None,
                 "total_steps": total_steps, "world_size": dist.world_size, "num_workers": cfg.num_workers,
-                "global_batch": stream.geometry.global_batch, "shuffle_buffer": stream.shuffle_buffer}
-    step, tokens, seconds = 0, 0, 0.0
+                "global_batch": batches.geometry.global_batch, "shuffle_buffer": batches.dataset.shuffle_buffer}
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across ranks, reproducibly
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "log_sums": torch.zeros(3), "logged_steps": 0}
     ckpt = checkpoint.find_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
-        meta = checkpoint.read_meta(ckpt)
-        diffs = [k for k in RESUME_KEYS if meta["identity"].get(k) != identity.get(k)]
-        if diffs and diffs[0] == "global_batch":
-            raise KdcacheError(
-                f"cannot resume {out} exactly: its global batch (processes x --grad-accum x --batch-size) was "
-                f"{meta['identity'].get('global_batch')}, this run's is {identity['global_batch']}; a resized resume "
-                "keeps it (and with it the steps per epoch and the learning-rate schedule): choose --batch-size and "
-                "--grad-accum to match")
-        if diffs:
-            k = diffs[0]
-            raise KdcacheError(f"cannot resume {out}: its checkpoint was made with {k}={meta['identity'].get(k)!r}, "
-                               f"this run has {identity.get(k)!r}; rerun with the original options or use another --out")
-        resized = meta["identity"].get("world_size") != dist.world_size
-        # After a resize a rank may have no file of its own: it takes rank 0's metrics window.
-        trainer_state, rank_state = checkpoint.load(ckpt, 0 if resized else dist.rank, model=model)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        if scaler is not None and trainer_state.get("scaler"):
-            scaler.load_state_dict(trainer_state["scaler"])
-        step, tokens, seconds = trainer_state["step"], trainer_state["tokens"], trainer_state["seconds"]
-        if resized:  # other ranks, other dropout streams: seeded from (seed, rank, step), reproducibly
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist.rank, step]).generate_state(1)[0]))
-        else:
-            torch.set_rng_state(rank_state["torch_rng"])
-            if device.type == "cuda" and rank_state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
-        # The position is the same on every rank; under another geometry the stream
-        # re-partitions the epoch's unread rows (or refuses, saying why).
-        if "stream" not in trainer_state:
-            raise KdcacheError(f"cannot resume {out}: its checkpoint was made by an older kdcache whose stream position "
-                               "this one cannot read; resume with that kdcache, or start the run again in another --out")
-        loader.load_state_dict(trainer_state["stream"])
-
+        state = _restore(ckpt, cfg, dist, out, identity, model, optimizer, scheduler, scaler, batches)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(out / METRICS, step)
-        atomic_write_json(out / SUMMARY, _summary(cfg, plan, identity, num_parameters, step, tokens, seconds,
-                                                  done=False, layer_map=layer_map))
-
-    pending_tokens = 0  # this rank's tokens not yet summed over ranks into `tokens`
-
-    def flush_tokens():
-        nonlocal tokens, pending_tokens
-        tokens += int(dist.sum(pending_tokens))
-        pending_tokens = 0
+        _trim_metrics(out / METRICS, state["step"])
+        atomic_write_json(out / SUMMARY, _summary(cfg, plan, identity, sum(p.numel() for p in model.parameters()),
+                                                  state["step"], state["tokens"], state["seconds"], done=False,
+                                                  layer_map=layer_map))
+    log = _MetricsLog(cfg, dist, out, plan.spec, total_steps, state)
 
     def save_checkpoint():
-        flush_tokens()
-        checkpoint.save(out, dist, model=model, meta={"step": step, "identity": identity},
+        log.flush_tokens()
+        checkpoint.save(out, dist, model=model, meta={"step": log.step, "identity": identity},
                         trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "scaler": scaler.state_dict() if scaler is not None else None,
-                                       "step": step, "tokens": tokens, "seconds": seconds,
-                                       "stream": loader.state_dict()},
+                                       "step": log.step, "tokens": log.tokens, "seconds": log.seconds,
+                                       "stream": batches.state_dict()},
                         rank_state={"torch_rng": torch.get_rng_state(),
                                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                     # the open metrics window, so the next line averages the same steps
-                                    "log_sums": sums.clone(), "logged_steps": logged_steps})
+                                    "log_sums": log.sums.clone(), "logged_steps": log.logged_steps})
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {plan.spec}", unit="step", dynamic_ncols=True,
-               disable=not (dist.is_main and cfg.progress))
-    batches = _batches(loader)
-    metrics_file = open(out / METRICS, "a") if dist.is_main else None
-    watch = LossWatch.from_metrics(out / METRICS, total_steps, cfg.lr) if dist.is_main else None
-    sums = rank_state["log_sums"] if ckpt is not None else torch.zeros(3)
-    logged_steps = rank_state["logged_steps"] if ckpt is not None else 0
+    stream = iter(batches)
     session_steps = 0
-    window_tokens, window_start = 0, time.perf_counter()
     model.train()
     try:
-        while step < total_steps and (cfg.stop_after_steps is None or session_steps < cfg.stop_after_steps):
+        while log.step < total_steps and (cfg.stop_after_steps is None or session_steps < cfg.stop_after_steps):
             step_start = time.perf_counter()
             for micro in range(cfg.grad_accum):
-                batch = move_batch(next(batches), device, non_blocking=True)
-                teacher_logits = None
-                if teacher is not None and loss_fn.uses_soft_targets:
-                    with torch.no_grad(), autocast():
-                        teacher_logits = target_logits(teacher, task, batch)
-                sync = nullcontext() if not dist.enabled or micro == cfg.grad_accum - 1 else net.no_sync()
-                with sync:
-                    with autocast():
-                        loss, kd, hard = net(batch, teacher_logits)
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                sums += torch.stack([loss.detach(), kd, hard]).float().cpu() / cfg.grad_accum
-                window_tokens += batch["num_tokens"]
-                pending_tokens += batch["num_tokens"]
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+                batch = move_batch(next(stream), device, non_blocking=True)
+                sums = _forward_backward(net, batch, teacher, task, autocast, scaler, dist, last=micro == cfg.grad_accum - 1,
+                                         grad_accum=cfg.grad_accum, use_teacher=loss_fn.uses_soft_targets)
+                log.add_micro_batch(sums, batch["num_tokens"])
+            _optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
             session_steps += 1
-            logged_steps += 1
-            seconds += time.perf_counter() - step_start
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                step_tokens = int(dist.sum(window_tokens))
-                flush_tokens()
-                rate = step_tokens / max(time.perf_counter() - window_start, 1e-9)
-                loss_avg, kd_avg, hard_avg = (sums / logged_steps).tolist()
-                record = {"step": step, "epoch": loader.epoch, "loss": loss_avg,
-                          "kd_loss": kd_avg if cfg.alpha > 0 else None,
-                          "hard_loss": hard_avg if cfg.alpha < 1 else None,
-                          "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_second": rate}
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rate:,.0f}")
-                for warning in watch.update(step, loss_avg) if watch is not None else ():
-                    bar.write(f"[train-student] warning: {warning}", file=sys.stderr)
-                sums.zero_()
-                logged_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            log.end_step(time.perf_counter() - step_start, batches.epoch, scheduler.get_last_lr()[0])
+            if cfg.save_every and log.step % cfg.save_every == 0 and log.step < total_steps:
                 save_checkpoint()
-        flush_tokens()
+        log.flush_tokens()
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        log.close()
 
-    done = step >= total_steps
-    summary = _summary(cfg, plan, identity, num_parameters, step, tokens, seconds, done=done, layer_map=layer_map)
-    summary["loss_warnings"] = watch.warnings if watch is not None else []
+    done = log.step >= total_steps
+    summary = _summary(cfg, plan, identity, sum(p.numel() for p in model.parameters()), log.step, log.tokens,
+                       log.seconds, done=done, layer_map=layer_map)
+    summary["loss_warnings"] = log.watch.warnings if log.watch is not None else []
     if not done:
         save_checkpoint()  # session ended early (--stop-after-steps): resume from exactly here
     elif dist.is_main:
@@ -372,6 +259,134 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
         atomic_write_json(out / SUMMARY, summary)
     dist.barrier()
     return summary
+
+
+def _forward_backward(net, batch, teacher, task, autocast, scaler, dist, *, last: bool, grad_accum: int,
+                      use_teacher: bool) -> torch.Tensor:
+    """One micro-batch: (online teacher,) loss, backward (gradients sync only on the step's last
+    one); returns [loss, kd, hard] / grad_accum for the metrics."""
+    teacher_logits = None
+    if teacher is not None and use_teacher:
+        with torch.no_grad(), autocast():
+            teacher_logits = target_logits(teacher, task, batch)
+    sync = nullcontext() if not dist.enabled or last else net.no_sync()
+    with sync:
+        with autocast():
+            loss, kd, hard = net(batch, teacher_logits)
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return torch.stack([loss.detach(), kd, hard]).float().cpu() / grad_accum
+
+
+def _optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float) -> None:
+    """Clip (0: off), step (through the fp16 grad scaler if any), schedule, zero the gradients."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _restore(ckpt: Path, cfg: TrainConfig, dist, out: Path, identity: dict, model, optimizer, scheduler, scaler,
+             batches: TrainStream) -> dict:
+    """Load a checkpoint after checking it belongs to this run; returns the run state."""
+    device = dist.device
+    meta = checkpoint.read_meta(ckpt)
+    diffs = [k for k in RESUME_KEYS if meta["identity"].get(k) != identity.get(k)]
+    if diffs and diffs[0] == "global_batch":
+        raise KdcacheError(
+            f"cannot resume {out} exactly: its global batch (processes x --grad-accum x --batch-size) was "
+            f"{meta['identity'].get('global_batch')}, this run's is {identity['global_batch']}; a resized resume "
+            "keeps it (and with it the steps per epoch and the learning-rate schedule): choose --batch-size and "
+            "--grad-accum to match")
+    if diffs:
+        k = diffs[0]
+        raise KdcacheError(f"cannot resume {out}: its checkpoint was made with {k}={meta['identity'].get(k)!r}, "
+                           f"this run has {identity.get(k)!r}; rerun with the original options or use another --out")
+    resized = meta["identity"].get("world_size") != dist.world_size
+    # After a resize a rank may have no file of its own: it takes rank 0's metrics window.
+    trainer_state, rank_state = checkpoint.load(ckpt, 0 if resized else dist.rank, model=model)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    if scaler is not None and trainer_state.get("scaler"):
+        scaler.load_state_dict(trainer_state["scaler"])
+    step = trainer_state["step"]
+    if resized:  # other ranks, other dropout streams: seeded from (seed, rank, step), reproducibly
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist.rank, step]).generate_state(1)[0]))
+    else:
+        torch.set_rng_state(rank_state["torch_rng"])
+        if device.type == "cuda" and rank_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
+    # The position is the same on every rank; under another geometry the stream
+    # re-partitions the epoch's unread rows (or refuses, saying why).
+    if "stream" not in trainer_state:
+        raise KdcacheError(f"cannot resume {out}: its checkpoint was made by an older kdcache whose stream position "
+                           "this one cannot read; resume with that kdcache, or start the run again in another --out")
+    batches.load_state_dict(trainer_state["stream"])
+    return {"step": step, "tokens": trainer_state["tokens"], "seconds": trainer_state["seconds"],
+            "log_sums": rank_state["log_sums"], "logged_steps": rank_state["logged_steps"]}
+
+
+class _MetricsLog:
+    """Step, token and time counters, the progress bar, metrics.jsonl lines (means over the
+    last --log-every steps) and the loss watch."""
+
+    def __init__(self, cfg: TrainConfig, dist, out: Path, spec: str, total_steps: int, state: dict):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.dist, self.total_steps = cfg, dist, total_steps
+        self.step, self.tokens, self.seconds = state["step"], state["tokens"], state["seconds"]
+        self.sums, self.logged_steps = state["log_sums"], state["logged_steps"]
+        self.pending_tokens = 0  # this rank's tokens not yet summed over ranks into `tokens`
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.bar = tqdm(total=total_steps, initial=self.step, desc=f"train {spec}", unit="step", dynamic_ncols=True,
+                        disable=not (dist.is_main and cfg.progress))
+        self.file = open(out / METRICS, "a") if dist.is_main else None
+        self.watch = LossWatch.from_metrics(out / METRICS, total_steps, cfg.lr) if dist.is_main else None
+
+    def flush_tokens(self) -> None:
+        self.tokens += int(self.dist.sum(self.pending_tokens))
+        self.pending_tokens = 0
+
+    def add_micro_batch(self, sums: torch.Tensor, num_tokens: int) -> None:
+        self.sums += sums
+        self.window_tokens += num_tokens
+        self.pending_tokens += num_tokens
+
+    def end_step(self, seconds: float, epoch: int, lr: float) -> None:
+        self.step += 1
+        self.logged_steps += 1
+        self.seconds += seconds
+        self.bar.update(1)
+        if self.step % self.cfg.log_every and self.step != self.total_steps:
+            return
+        step_tokens = int(self.dist.sum(self.window_tokens))
+        self.flush_tokens()
+        rate = step_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        loss_avg, kd_avg, hard_avg = (self.sums / self.logged_steps).tolist()
+        record = {"step": self.step, "epoch": epoch, "loss": loss_avg,
+                  "kd_loss": kd_avg if self.cfg.alpha > 0 else None,
+                  "hard_loss": hard_avg if self.cfg.alpha < 1 else None,
+                  "lr": lr, "tokens": self.tokens, "tokens_per_second": rate}
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rate:,.0f}")
+        for warning in self.watch.update(self.step, loss_avg) if self.watch is not None else ():
+            self.bar.write(f"[train-student] warning: {warning}", file=sys.stderr)
+        self.sums.zero_()
+        self.logged_steps, self.window_tokens, self.window_start = 0, 0, time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _save_tokenizer(cache, out: Path) -> None:

@@ -152,6 +152,78 @@ class _SparseTargetCE(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+# -- the pieces: each a sum over the targets it is given, on logits (N, V) at those targets ------
+
+def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | None = None,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KD sum, hard-label CE sum) against the cached soft targets, fused in one pass.
+
+    soft: the batch's cached targets for these rows ({"topk_ids", "topk_logprobs"} and, for the
+    sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0).
+    Every target kind works (see `sparse_target_weights`). labels: (N,), -1 = unknown.
+    """
+    known = (labels >= 0).unsqueeze(-1).to(logits.dtype)
+    labels_at = labels.clamp(min=0).unsqueeze(-1)
+    if soft is None:
+        kd, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known, 1.0)
+        return hard.new_zeros(()), hard
+    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(logits.dtype), soft.get("target_counts"),
+                                     int(soft.get("target_head", 0)), temperature)
+    return _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at, known, float(temperature))
+
+
+def hard_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hard-label cross-entropy, summed over the labelled targets (labels -1 are skipped)."""
+    return sparse_kd_and_ce(logits, labels)[1]
+
+
+def online_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T² · KL(teacher at T || student at T) against a live teacher's full softmax, summed."""
+    log_q = (logits / temperature).log_softmax(-1) if temperature != 1 else logits.log_softmax(-1)
+    return online_kd_per_target(log_q, teacher_logits, temperature).sum()
+
+
+def bucket_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+              temperature: float = 1.0) -> torch.Tensor:
+    """KD over a top-k cache's ids plus one "rest" bucket holding the mass outside them, summed."""
+    log_q = (logits / temperature).log_softmax(-1) if temperature != 1 else logits.log_softmax(-1)
+    return cached_kd_per_target(log_q, topk_ids.long(), topk_logprobs, temperature, "bucket").sum()
+
+
+def mix(kd: torch.Tensor, hard: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha · KD + (1 - alpha) · hard (alpha = 1: the KD term alone, even where hard is nan)."""
+    return alpha * kd + (1 - alpha) * hard if alpha < 1 else kd
+
+
+def chunked(hidden: torch.Tensor, head, fn, per_target: dict, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """Σ over chunks of targets of fn(logits, part): the output layer `head` runs on at most
+    chunk_elements // vocab targets at a time, under activation checkpointing, so at most one
+    chunk's (targets × vocab) logits exist at once, in the forward and in the backward pass.
+
+    hidden: (N, H) features at the targets; head: features -> logits (identity when hidden
+    already holds the logits); per_target: tensors with N rows (sliced per chunk; None and
+    plain numbers pass through); fn(logits (n, V) in fp32 at least, part) -> a tensor of sums.
+    """
+    vocab = _out_features(head, hidden)
+    chunk = max(1, chunk_elements // max(vocab, 1))
+    n = hidden.shape[0]
+    if n <= chunk:
+        return _chunk(fn, hidden, head, per_target)
+    total = None
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        rows = {key: value[part] if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in per_target.items()}
+        # Recompute this chunk's logits in the backward pass instead of keeping them.
+        sums = checkpoint(_chunk, fn, hidden[part], head, rows, use_reentrant=False)
+        total = sums if total is None else total + sums
+    return total
+
+
+def _chunk(fn, hidden, head, rows):
+    return fn(_at_least_fp32(head(hidden)), rows)
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor        # what to backpropagate
@@ -161,8 +233,14 @@ class LossOutput:
     num_labelled: int
 
 
+SOFT_KEYS = ("topk_ids", "topk_logprobs", "target_counts", "target_head")
+
+
 @dataclass
 class DistillLoss:
+    """The distillation loss train-student uses, composed from the pieces above:
+    mix(mean KD, mean hard CE, alpha), the KD term from the cache (sparse_kd_and_ce, or
+    bucket_kd for tail="bucket") or from a live teacher (online_kd), over a chunked head."""
     temperature: float = 1.0
     alpha: float = 0.5
     tail: str = "renorm"
@@ -176,17 +254,11 @@ class DistillLoss:
     def uses_soft_targets(self) -> bool:
         return self.alpha > 0
 
-    def _chunk_sums(self, hidden, head, labels, topk_ids, topk_logprobs, teacher_logits, counts=None, target_head=0):
-        logits = _at_least_fp32(head(hidden))
-        known = (labels >= 0).unsqueeze(-1)
-        labels_at = labels.clamp(min=0).unsqueeze(-1)
+    def _sums(self, logits: torch.Tensor, part: dict) -> torch.Tensor:
+        """[KD sum, hard CE sum] of one chunk of targets."""
+        labels, teacher_logits = part["labels"], part.get("teacher_logits")
         if teacher_logits is None and (not self.uses_soft_targets or self.tail == "renorm"):
-            if not self.uses_soft_targets:
-                _, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known.to(logits.dtype), 1.0)
-                return torch.stack([hard.new_zeros(()), hard])
-            p, log_p = sparse_target_weights(topk_logprobs.to(logits.dtype), counts, target_head, self.temperature)
-            kd, hard = _SparseTargetCE.apply(logits, topk_ids, p, log_p, labels_at, known.to(logits.dtype),
-                                             float(self.temperature))
+            kd, hard = sparse_kd_and_ce(logits, labels, part if self.uses_soft_targets else None, self.temperature)
             return torch.stack([kd, hard])
         # Online KD (dense teacher) and the rest bucket: plain autograd.
         log_q1 = logits.log_softmax(-1)  # T = 1: the hard term, and the KD term when T = 1 (one pass)
@@ -194,7 +266,8 @@ class DistillLoss:
         if self.uses_soft_targets:
             log_q = log_q1 if self.temperature == 1 else (logits / self.temperature).log_softmax(-1)
             per_target = (online_kd_per_target(log_q, teacher_logits, self.temperature) if teacher_logits is not None
-                          else cached_kd_per_target(log_q, topk_ids, topk_logprobs, self.temperature, self.tail))
+                          else cached_kd_per_target(log_q, part["topk_ids"], part["topk_logprobs"], self.temperature,
+                                                    self.tail))
             kd = per_target.sum()
         # nll of log-probs; ignore_index=-1 makes an all-unknown chunk contribute 0.
         hard = F.nll_loss(log_q1, labels, ignore_index=-1, reduction="sum")
@@ -204,37 +277,21 @@ class DistillLoss:
         """hidden: (N, H) student features at the targets, head: features -> logits;
         batch: its labels and (cached KD) topk_ids/topk_logprobs; teacher_logits: (N, V) (online KD)."""
         labels = batch["labels"]
-        n = labels.shape[0]
-        topk_ids = batch.get("topk_ids") if teacher_logits is None else None
-        if topk_ids is not None:
-            topk_ids = topk_ids.long()  # batches carry int32 ids; gather/scatter index with int64
-        topk_logprobs = batch.get("topk_logprobs") if teacher_logits is None else None
-        counts = batch.get("target_counts") if teacher_logits is None else None
-        target_head = int(batch.get("target_head", 0))
-        if self.uses_soft_targets and teacher_logits is None and topk_ids is None:
-            raise ValueError("alpha > 0 needs the cached soft targets (stream with soft_targets=True) or teacher_logits")
-        if self.uses_soft_targets and counts is not None and self.tail == "bucket":
-            raise ValueError("tail='bucket' is for top-k targets; sampled targets already estimate the tail")
-        vocab = _out_features(head, hidden)
-        chunk = max(1, self.chunk_elements // max(vocab, 1))
-        if n <= chunk:
-            sums = self._chunk_sums(hidden, head, labels, topk_ids, topk_logprobs, teacher_logits, counts, target_head)
-        else:
-            sums = hidden.new_zeros(2, dtype=torch.promote_types(hidden.dtype, torch.float32))
-            for start in range(0, n, chunk):
-                part = slice(start, start + chunk)
-                args = (hidden[part], head, labels[part],
-                        None if topk_ids is None else topk_ids[part],
-                        None if topk_logprobs is None else topk_logprobs[part],
-                        None if teacher_logits is None else teacher_logits[part],
-                        None if counts is None else counts[part], target_head)
-                # Recompute this chunk's logits in the backward pass instead of keeping them.
-                sums = sums + checkpoint(self._chunk_sums, *args, use_reentrant=False)
-        num_labelled = int((labels >= 0).sum())
+        part = {"labels": labels}
+        if teacher_logits is not None:
+            part["teacher_logits"] = teacher_logits
+        elif self.uses_soft_targets:
+            if batch.get("topk_ids") is None:
+                raise ValueError("alpha > 0 needs the cached soft targets (stream with soft_targets=True) or teacher_logits")
+            if batch.get("target_counts") is not None and self.tail == "bucket":
+                raise ValueError("tail='bucket' is for top-k targets; sampled targets already estimate the tail")
+            part.update({key: batch[key] for key in SOFT_KEYS if batch.get(key) is not None})
+            part["topk_ids"] = part["topk_ids"].long()  # batches carry int32 ids; gather/scatter index with int64
+        sums = chunked(hidden, head, self._sums, part, self.chunk_elements)
+        n, num_labelled = labels.shape[0], int((labels >= 0).sum())
         kd = sums[0] / max(n, 1)
         hard = sums[1] / max(num_labelled, 1)
-        loss = self.alpha * kd + (1 - self.alpha) * hard if self.alpha < 1 else kd
-        return LossOutput(loss, kd.detach(), hard.detach(), n, num_labelled)
+        return LossOutput(mix(kd, hard, self.alpha), kd.detach(), hard.detach(), n, num_labelled)
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
