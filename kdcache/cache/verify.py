@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from ..errors import KdcacheError
 from . import schema as S
 from .manifest import CacheManifest, read_manifest_view, resolve_inside, view
-from .storage import location
+from .storage import location, read_buffer
 
 
 def _flat(column: pa.ChunkedArray, depth: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
         return "file is missing"
     if path.stat().st_size != entry["bytes"]:
         return f"size {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-    data = path.read_bytes()  # read once (one download from a bucket): hashed, then parsed
+    data = read_buffer(path)  # read once (one download from a bucket): hashed, then parsed
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         return "sha256 does not match the manifest (corrupted or modified)"
     try:
