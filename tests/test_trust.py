@@ -331,3 +331,27 @@ def test_case8_empty_and_binary_corpora_say_what_is_wrong_with_which_file(setup,
                               "--top-k", 4, "--no-progress"], *needles)
     assert "An error occurred while generating the dataset" not in message and "StopIteration" not in message
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------ issue 16, defect 6: flags the target kind ignores
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--top-k", 4, "--samples", 8], ("--samples", "--targets top-k", "drop --samples")),
+    (["--targets", "top-k", "--samples", 16], ("--samples", "--targets top-k")),  # even the default value, typed
+    (["--targets", "sample", "--top-k", 4], ("--top-k", "--targets sample", "drop --top-k")),
+])
+def test_i16_flags_the_chosen_target_kind_ignores_are_refused(setup, tmp_path, flags, needles):
+    out = tmp_path / "c"
+    one_line_error(["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", out,
+                    "--max-length", 32, "--no-progress", *flags], *needles)
+    assert not out.exists()
+
+
+def test_i16_flags_the_chosen_target_kind_uses_are_accepted(setup, tmp_path):
+    from kdcache.dump.command import _refuse_unused_target_flags, dump_logits
+
+    # Parsing only (the refusal is decided on what was typed): these combinations are all fine.
+    for flags in (["--targets", "sample", "--samples", "8"], ["--targets", "top-k+sample", "--top-k", "4", "--samples", "8"],
+                  ["--top-k", "4"], ["--targets", "sample"]):
+        ctx = dump_logits.make_context("dump-logits", ["--teacher", "t", "--out", "o", *flags])
+        _refuse_unused_target_flags(ctx, ctx.params["targets"])
