@@ -355,3 +355,17 @@ def test_i16_flags_the_chosen_target_kind_uses_are_accepted(setup, tmp_path):
                   ["--top-k", "4"], ["--targets", "sample"]):
         ctx = dump_logits.make_context("dump-logits", ["--teacher", "t", "--out", "o", *flags])
         _refuse_unused_target_flags(ctx, ctx.params["targets"])
+
+
+# ------------------------------------------------------------------ issue 16, defect 8: sweep's pass-through options
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--max-stepz", 3], ("No such option '--max-stepz'", "'--max-steps'", "train-student --help")),
+    (["--max-steps", "many"], ("'many' is not a valid integer",)),
+    (["--max-steps", 1, "stray"], ("unexpected extra argument", "stray")),
+])
+def test_i16_sweep_checks_passed_through_options_before_creating_anything(setup, tmp_path, extra, needles):
+    runs = tmp_path / "runs"
+    one_line_error(["sweep", "--cache", setup["cache"], "--students", "tiny=L2-H128", "--out", runs, "--gpus", "cpu",
+                    *extra], *needles)
+    assert not runs.exists()

@@ -14,7 +14,7 @@ from .runs import (
     TRAIN_LOG, TRAIN_SUMMARY, check_or_record, has_flag, has_progress, is_finished, option_value,
     training_identity, without_options,
 )
-from .specs import SWEEP_OWNED_OPTIONS, parse_students
+from .specs import SWEEP_OWNED_OPTIONS, check_train_args, parse_students
 
 
 def student_args(student, train_args: list[str], lr_rule: str):
@@ -97,6 +97,7 @@ def sweep_cmd(ctx, cache: str, students: str, out: Path, devices: str, lr_rule: 
     for option in SWEEP_OWNED_OPTIONS:
         if has_flag(train_args, option):
             raise KdcacheError(f"sweep sets {option} for each student itself; drop it from the command line")
+    check_train_args(train_args)
     cache = location(cache)  # a folder, or an object-store prefix kept as a URI
     read_manifest(cache)  # a missing or foreign cache fails here, before any folder is created
     student_list = parse_students(students)
