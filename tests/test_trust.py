@@ -369,3 +369,45 @@ def test_i16_sweep_checks_passed_through_options_before_creating_anything(setup,
     one_line_error(["sweep", "--cache", setup["cache"], "--students", "tiny=L2-H128", "--out", runs, "--gpus", "cpu",
                     *extra], *needles)
     assert not runs.exists()
+
+
+# ------------------------------------------------------------------ issue 16, defect 7: verify's schema message
+
+def rewrite_shard(cache: Path, name: str, table) -> None:
+    """Replace one shard with `table`, its manifest entry's size and checksum updated (so only the
+    content is wrong)."""
+    shard = cache / "data" / name
+    pq.write_table(table, shard, compression="zstd", use_dictionary=False, write_page_checksum=True)
+
+    def update(manifest):
+        entry = next(s for s in manifest["shards"] if s["file"] == f"data/{name}")
+        entry["bytes"] = shard.stat().st_size
+        entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    edit_manifest(cache, update)
+
+
+def test_i16_verify_names_the_first_column_whose_type_differs_in_one_line(setup, tmp_path):
+    import pyarrow as pa
+
+    cache = copy_cache(setup, tmp_path)
+    table = pq.read_table(cache / "data" / "part-00001.parquet")
+    index = table.schema.get_field_index("topk_logprobs")
+    wrong = pa.list_(pa.list_(pa.float32(), 4))
+    rewrite_shard(cache, "part-00001.parquet", table.set_column(index, pa.field("topk_logprobs", wrong),
+                                                                table.column(index).cast(wrong)))
+    message = one_line_error(["verify", cache], "part-00001.parquet", "column topk_logprobs is", "float",
+                             "the manifest implies", "halffloat")
+    assert "input_ids" not in message  # not the whole schema
+
+
+def test_i16_schema_difference_names_missing_extra_and_reordered_columns():
+    import pyarrow as pa
+
+    from kdcache.cache.verify import schema_difference
+
+    want = pa.schema([("a", pa.int32()), ("b", pa.list_(pa.uint16()))])
+    assert schema_difference(pa.schema([("a", pa.int32())]), want) == \
+        "schema lacks column b (list<item: uint16>) that the manifest implies"
+    assert "column c that the manifest does not imply" in schema_difference(want.append(pa.field("c", pa.int8())), want)
+    assert "column a is column 1, the manifest's order has it at 0" in schema_difference(pa.schema([want.field("b"), want.field("a")]), want)
+    assert "column a is int64" in schema_difference(pa.schema([("a", pa.int64()), want.field("b")]), want)

@@ -65,6 +65,25 @@ def check_samples(table: pa.Table, manifest: CacheManifest, topk_ids: np.ndarray
     return _check_logprobs(_flat(table.column(S.SAMPLE_LOGPROBS), 1), "sampled")
 
 
+def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
+    """The first column where a shard's schema departs from the one its manifest implies, in a few
+    words (printing both schemas would take dozens of lines)."""
+    for i, want in enumerate(expected):
+        if want.name not in actual.names:
+            return f"schema lacks column {want.name} ({want.type}) that the manifest implies"
+        have = actual.field(want.name)
+        if not have.type.equals(want.type):
+            return f"schema: column {want.name} is {have.type}, the manifest implies {want.type}"
+        if have.nullable != want.nullable:
+            return f"schema: column {want.name} is {'' if have.nullable else 'not '}nullable, unlike the manifest's"
+        if actual.get_field_index(want.name) != i:
+            return f"schema: column {want.name} is column {actual.get_field_index(want.name)}, the manifest's order has it at {i}"
+    extra = [name for name in actual.names if name not in expected.names]
+    if extra:
+        return f"schema has column {extra[0]} that the manifest does not imply"
+    return "schema differs from the manifest's in its field metadata"
+
+
 def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) -> str | None:
     """Why this shard is bad, in a few words; None when it is fine."""
     manifest = view(manifest)
@@ -82,7 +101,7 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
         return f"unreadable Parquet ({type(e).__name__})"
     expected = S.schema_for_manifest(manifest.raw)
     if not table.schema.remove_metadata().equals(expected.remove_metadata()):
-        return f"schema differs from the manifest's: {table.schema.remove_metadata()} vs {expected.remove_metadata()}"
+        return schema_difference(table.schema.remove_metadata(), expected.remove_metadata())
     if table.num_rows != entry["rows"]:
         return f"{table.num_rows} rows, manifest says {entry['rows']}"
     n_pos = pc.list_value_length(table.column(S.POSITIONS)).to_numpy(zero_copy_only=False)
