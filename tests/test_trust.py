@@ -411,3 +411,36 @@ def test_i16_schema_difference_names_missing_extra_and_reordered_columns():
     assert "column c that the manifest does not imply" in schema_difference(want.append(pa.field("c", pa.int8())), want)
     assert "column a is column 1, the manifest's order has it at 0" in schema_difference(pa.schema([want.field("b"), want.field("a")]), want)
     assert "column a is int64" in schema_difference(pa.schema([("a", pa.int64()), want.field("b")]), want)
+
+
+# ------------------------------------------------------------------ issue 16, defect 4: a dump whose shards do not read back
+
+def test_i16_dump_fails_when_shards_it_wrote_do_not_read_back(setup, tmp_path, monkeypatch):
+    """A store that accepts writes and keeps some of them (here: shard 1's sidecar vanishes, shard 2's
+    data file too) left the cache incomplete while the dump exited 0; now it fails naming both."""
+    import kdcache.cache.shards as shards
+
+    real_json, real_parquet = shards.atomic_write_json, shards.write_parquet
+
+    def dropping_json(path, obj):
+        if Path(str(path)).name != "_part-00001.stats.json":
+            real_json(path, obj)
+
+    def dropping_parquet(table, path, **kwargs):
+        result = real_parquet(table, path, **kwargs)
+        if Path(str(path)).name == "part-00002.parquet":
+            Path(path).unlink()
+        return result
+
+    monkeypatch.setattr(shards, "atomic_write_json", dropping_json)
+    monkeypatch.setattr(shards, "write_parquet", dropping_parquet)
+    out = tmp_path / "c"
+    args = ["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", out, *DUMP]
+    one_line_error(args, "do not read back", f"--out {out}",
+                   "data/part-00001.parquet: its sidecar data/_part-00001.stats.json is not there",
+                   "data/part-00002.parquet: data/part-00002.parquet is not there", "re-run the same command")
+    monkeypatch.undo()
+    kept = snapshot(out)["data/part-00000.parquet"]
+    cli_ok(args)  # the store behaves again: the same command finishes the cache, keeping what was confirmed
+    assert snapshot(out)["data/part-00000.parquet"] == kept
+    cli_ok(["verify", out])
