@@ -23,6 +23,9 @@ from ..cache.files import fsync_file
 
 CHECKPOINT = "checkpoint"
 _TMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
+# Called (main rank) with a new checkpoint's folder once it is in place, by --out folder:
+# `train-student --out s3://...` uploads it from its staging folder (kdcache.train.bucket_out).
+ON_SAVED: dict[str, object] = {}
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -62,6 +65,8 @@ def save(out: Path, dist, *, model, trainer_state: dict, rank_state: dict, meta:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        if str(out) in ON_SAVED:
+            ON_SAVED[str(out)](final)
     dist.barrier()
 
 
