@@ -77,8 +77,8 @@ def main(argv=None):
     if argv is not None:
         return _run(argv)
     try:
-        _run(None)
-        code = 0
+        code = _run(None)  # click returns an Exit's status (--help, --version) instead of raising it
+        code = code if isinstance(code, int) else 0
     except SystemExit as e:
         code = e.code
     except BaseException:  # a bug: its traceback, then the same hard exit
