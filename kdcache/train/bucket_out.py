@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..cache.manifest import enclosing_cache
@@ -42,6 +43,17 @@ def latest_checkpoint(remote: ObjectPath) -> ObjectPath | None:
     """The newest complete checkpoint under OUT/checkpoints/ (its marker uploaded), if any."""
     complete = [p for p in (remote / CHECKPOINTS).iterdir() if p.name.startswith("step-") and (p / MARKER).is_file()]
     return max(complete, key=lambda p: p.name) if complete else None
+
+
+@contextmanager
+def _uploading(what: str, uri: str):
+    """An upload that fails is one line: what, where, and that the bucket keeps its last complete state."""
+    try:
+        yield
+    except OSError as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise KdcacheError(f"cannot upload {what} to {uri} ({reason}); the bucket keeps its last complete checkpoint: "
+                           "fix the cause (endpoint, credentials, space) and re-run with --resume") from None
 
 
 class BucketOut:
@@ -71,15 +83,19 @@ class BucketOut:
         (self.remote / name).write_bytes(data)
 
     def upload_progress(self) -> None:
-        for name in (METRICS, SUMMARY):
-            if (self.staging / name).is_file():
-                self._put(self.staging / name, name)
+        with _uploading("metrics.jsonl and train_summary.json", self.uri):
+            for name in (METRICS, SUMMARY):
+                if (self.staging / name).is_file():
+                    self._put(self.staging / name, name)
 
     def upload_checkpoint(self, local: Path) -> None:
         """checkpoint.save's hook: the new checkpoint as whole objects, its marker last; then the
         progress files; then older checkpoints (only once the new one is complete)."""
         step = checkpoint.read_meta(local)["step"]
-        dest = self.remote / CHECKPOINTS / f"step-{step:09d}"
+        with _uploading(f"the checkpoint of step {step}", self.uri):
+            self._upload_checkpoint(local, self.remote / CHECKPOINTS / f"step-{step:09d}")
+
+    def _upload_checkpoint(self, local: Path, dest: ObjectPath) -> None:
         for file in sorted(p for p in local.iterdir() if p.is_file() and p.name != MARKER):
             (dest / file.name).write_bytes(file.read_bytes())
         (dest / MARKER).write_bytes((local / MARKER).read_bytes())
@@ -90,6 +106,10 @@ class BucketOut:
 
     def upload_student(self) -> None:
         """The finished student's files, train_summary.json (done) last; then the checkpoints go."""
+        with _uploading("the finished student", self.uri):
+            self._upload_student()
+
+    def _upload_student(self) -> None:
         names = sorted(p.name for p in self.staging.iterdir() if p.is_file() and p.name != SUMMARY)
         for name in names:
             self._put(self.staging / name, name)
