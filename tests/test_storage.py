@@ -307,3 +307,27 @@ def test_bucket_outputs_that_are_not_supported_are_refused_in_one_line(caches, s
     assert "unfinished train-student run" in cli_error(["evaluate", "--model", uri, "--cache", caches["local"]])
     assert bucket_names(s3, f"{BUCKET}/sweeps") == []
     assert not list(tmp_path.glob("s3*"))
+
+
+def test_a_failed_upload_is_one_line_and_the_bucket_keeps_its_last_complete_checkpoint(caches, s3_server, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"s3://{BUCKET}/students/flaky"
+    train = ["train-student", "--cache", caches["local"], "--out", uri, *STUDENT, "--save-every", 1]
+    cli_ok([*train, "--stop-after-steps", 1])
+    real = ObjectPath.write_bytes
+
+    def failing(self, data):
+        if "step-000000002" in self.path and self.name == "trainer.pt":
+            raise OSError("simulated: connection reset")
+        real(self, data)
+
+    monkeypatch.setattr(ObjectPath, "write_bytes", failing)
+    message = cli_error([*train, "--resume"])
+    assert f"cannot upload the checkpoint of step 2 to {uri} (simulated: connection reset)" in message, message
+    assert "kdcache-student-" not in message  # the bucket is named, not the staging folder
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    # The half-uploaded step 2 has no marker: the resume continues from step 1 and finishes.
+    cli_ok([*train, "--resume"])
+    assert json.loads(location(uri + "/train_summary.json").read_text())["steps"] == 4
