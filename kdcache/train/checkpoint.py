@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -25,7 +26,7 @@ CHECKPOINT = "checkpoint"
 _TMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
 # Called (main rank) with a new checkpoint's folder once it is in place, by --out folder:
 # `train-student --out s3://...` uploads it from its staging folder (kdcache.train.bucket_out).
-ON_SAVED: dict[str, object] = {}
+ON_SAVED: dict[str, Callable[[Path], None]] = {}
 
 
 def find_checkpoint(out: Path) -> Path | None:
