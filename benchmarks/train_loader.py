@@ -8,9 +8,12 @@ runs/causal_lm-small/cache: real top-k ids compress ~2x, so zstd costs more than
 Next to it, the floor: reading the same row groups' columns with pyarrow and nothing else;
 "loader / decode" is what kdcache's shuffling and collation add to that.
 Last, the cost of the read-time integrity check: the same loader with and without verifying
-the shards' Parquet page CRCs, interleaved (--crc-only runs just that).
+the shards' Parquet page CRCs, interleaved (--crc-only runs just that); and the cost of the
+read-time semantic checks (ids in range; sampled targets: counts sum to N, ids distinct per
+position), also on a sampled cache (--checks-only runs just that).
 
-    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR] [--crc-only] [--crc-pairs 15]
+    python benchmarks/train_loader.py [--rows 4000] [--k 64] [--repeats 3] [--real-cache DIR] [--crc-only]
+                                      [--crc-pairs 15] [--checks-only]
 """
 from __future__ import annotations
 
@@ -92,6 +95,75 @@ def crc_cost(cache: Path, *, batch_size: int, repeats: int) -> dict:
     return out
 
 
+def checks_cost(cache: Path, *, batch_size: int, repeats: int) -> tuple[float, float, float]:
+    """(loader positions per CPU-second with the read-time semantic checks, without, median cost),
+    in `repeats` adjacent pairs with the order alternating, as crc_cost."""
+    from kdcache.cache import stream as stream_module
+    checking = stream_module.check_rows
+    with_checks, without = [], []
+    for i in range(repeats):
+        for check in ((True, False) if i % 2 == 0 else (False, True)):
+            stream_module.check_rows = checking if check else (lambda table, manifest: None)
+            try:
+                (with_checks if check else without).append(positions_per_second(cache, batch_size=batch_size)[1])
+            finally:
+                stream_module.check_rows = checking
+    return (statistics.median(with_checks), statistics.median(without),
+            statistics.median(b / a - 1 for a, b in zip(with_checks, without)))
+
+
+def sampled_cache(out: Path, *, rows: int, length: int, vocab_size: int, samples: int = 16, seed: int = 0) -> Path:
+    """A CLM `sample` cache of random rows: per position 1..samples distinct ids whose counts sum to
+    `samples`, written with the real shard writer."""
+    import numpy as np
+    import pyarrow as pa
+
+    from kdcache.cache.files import atomic_write_json
+    from kdcache.cache.schema import FORMAT_VERSION, arrow_schema
+    from kdcache.cache.shards import write_shard
+
+    if (out / "manifest.json").is_file():
+        return out
+    rng = np.random.default_rng(seed)
+    schema = arrow_schema(k=0, vocab_size=vocab_size, max_length=length, kind="sample", samples=samples)
+    n_pos = rows * length
+    lengths = rng.integers(1, samples + 1, n_pos)
+    entry = np.repeat(np.arange(n_pos), lengths)
+    within = np.arange(len(entry)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ids = (np.repeat(rng.integers(0, vocab_size, n_pos), lengths) + within * 7919) % vocab_size  # distinct per position
+    counts = np.ones(len(entry), np.int64)
+    counts[np.cumsum(lengths) - lengths] += samples - lengths  # the first entry takes the rest of the draws
+    logprobs = -rng.gamma(2.0, 2.0, len(entry)).astype(np.float16)
+    row_offsets = lambda per_row: pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))  # noqa: E731
+    entries_per_row = np.add.reduceat(lengths, np.arange(0, n_pos, length))
+    field = lambda name: schema.field(name).type.value_type  # noqa: E731
+    table = pa.table({
+        "example_id": pa.array(np.arange(rows), pa.int64()),
+        "input_ids": pa.ListArray.from_arrays(row_offsets(np.full(rows, length)),
+                                              pa.array(rng.integers(0, vocab_size, n_pos), field("input_ids"))),
+        "positions": pa.ListArray.from_arrays(row_offsets(np.full(rows, length)),
+                                              pa.array(np.tile(np.arange(length), rows), field("positions"))),
+        "labels": pa.ListArray.from_arrays(row_offsets(np.full(rows, length)),
+                                           pa.array(rng.integers(0, vocab_size, n_pos).astype(np.int32))),
+        "sample_lengths": pa.ListArray.from_arrays(row_offsets(np.full(rows, length)),
+                                                   pa.array(lengths, field("sample_lengths"))),
+        "sample_ids": pa.ListArray.from_arrays(row_offsets(entries_per_row), pa.array(ids, field("sample_ids"))),
+        "sample_logprobs": pa.ListArray.from_arrays(row_offsets(entries_per_row), pa.array(logprobs, pa.float16())),
+        "sample_counts": pa.ListArray.from_arrays(row_offsets(entries_per_row), pa.array(counts, field("sample_counts"))),
+    }).select(schema.names).cast(schema)
+    shard = write_shard(out, 0, table)
+    atomic_write_json(out / "manifest.json", {
+        "format_version": FORMAT_VERSION, "kdcache_version": "bench", "task": "clm", "k": 0,
+        "targets": {"kind": "sample", "k": 0, "samples": samples}, "vocab_size": vocab_size,
+        "target_vocab_size": vocab_size, "num_labels": None, "id2label": None, "dtype": "fp32", "max_length": length,
+        "packing": True, "mlm_probability": None, "mask_copies": None, "seed": seed, "shard_rows": rows,
+        "token_type_ids": False, "special_token_ids": {"pad": 0}, "teacher": {"source": "synthetic"},
+        "tokenizer": {"sha256": "none", "dir": "tokenizer"}, "data": {"source": "synthetic"}, "complete": True,
+        "num_shards": 1, "shards": [shard], "totals": {"rows": rows, "positions": shard["positions"],
+                                                      "bytes": shard["bytes"]}, "dump": {}})
+    return out
+
+
 def tiled_real_cache(source: Path, out: Path, rows: int) -> Path:
     """`source`'s rows repeated (new example ids) to at least `rows` rows, same schema and writer."""
     import json
@@ -133,6 +205,7 @@ def main():
     ap.add_argument("--json", type=Path, default=None, help="also write the medians here (compare_revisions.py)")
     ap.add_argument("--crc-only", action="store_true", help="only the page-CRC verification cost")
     ap.add_argument("--crc-pairs", type=int, default=15, help="with/without-verification pairs per cache")
+    ap.add_argument("--checks-only", action="store_true", help="only the read-time semantic checks' cost")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdcache_loader_"))
@@ -148,6 +221,18 @@ def main():
     if args.real_cache:
         caches.append((f"real: {args.real_cache} repeated", tiled_real_cache(args.real_cache, work / "real", args.rows)))
     results = {}
+    if args.checks_only:
+        caches.append((f"synthetic sample N=16 (L={args.length}, V={args.vocab})",
+                       sampled_cache(work / f"sample_{args.rows}", rows=args.rows, length=args.length,
+                                     vocab_size=args.vocab)))
+        print(f"\nread-time semantic checks, medians of {args.crc_pairs} adjacent pairs:\n")
+        print("| cache | loader per CPU-second, with checks | without | cost of the checks |")
+        print("|---|---:|---:|---:|")
+        for name, cache in caches:
+            positions_per_second(cache, batch_size=args.batch_size)  # warm-up
+            with_checks, without, cost = checks_cost(cache, batch_size=args.batch_size, repeats=args.crc_pairs)
+            print(f"| {name} | {with_checks:,.0f} | {without:,.0f} | {cost:+.1%} |", flush=True)
+        return
     for name, cache in caches:
         if args.crc_only:
             break

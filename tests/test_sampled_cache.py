@@ -337,3 +337,49 @@ def test_weights_rebuilt_from_format_md_alone_match_the_loss(caches, tmp_path):
         for a, b in zip(rebuilt, from_loss):
             assert a.keys() == b.keys()
             assert all(abs(a[i] - b[i]) < 1e-9 for i in a)
+
+
+@pytest.fixture(scope="module")
+def sampled_student(caches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sampled_student") / "student"
+    code, _, err = run_cli(["train-student", "--cache", caches["top-k+sample"], "--student", "L2-H128", "--layers", 1,
+                            "--hidden", 16, "--heads", 2, "--intermediate", 32, "--max-steps", 1, "--batch-size", 4,
+                            "--num-workers", 0, "--no-progress", "--out", out])
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("range", "sampled id 600 >= target_vocab_size 400"),
+    ("topk-range", "top-k id 600 >= target_vocab_size 400"),
+    ("count", "draw counts sum to 33"),
+    ("duplicate", "appears twice"),
+])
+def test_readers_refuse_a_checksum_valid_shard_with_bad_draws(caches, sampled_student, tmp_path, capsys, damage, message):
+    """Issue 16, defect 5: what verify catches, training and evaluation catch too, in one line naming
+    the shard and the fix (an id >= vocab was a 53-line traceback; bad counts trained silently)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["top-k+sample"], cache)
+    assert manifest(cache)["target_vocab_size"] == 400
+
+    def edit(c):
+        ids, counts = c["sample_ids"][0], c["sample_counts"][0]
+        if damage == "range":
+            ids[0] = 600
+        elif damage == "topk-range":
+            c["topk_ids"][0][0][0] = 600
+        elif damage == "count":
+            counts[0] += 1
+        else:
+            ids[1] = ids[0]
+    tamper(cache, edit)
+    needles = (message, "data/part-00000.parquet", "re-run the same `kdcache dump-logits` command")
+    train = ["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2,
+             "--intermediate", 32, "--max-steps", 2, "--batch-size", 4, "--no-progress", "--out", tmp_path / "s"]
+    for args in ([*train, "--num-workers", 1], [*train, "--num-workers", 0],
+                 ["evaluate", "--model", sampled_student, "--cache", cache]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and one_line_error(err) and all(n in err for n in needles), (args, err[-2000:])
+    assert not (tmp_path / "s" / "model.safetensors").exists()

@@ -240,3 +240,94 @@ def test_torchrun_two_processes_dump_into_a_bucket_like_one_local_process(tmp_pa
     pafs.copy_files(prefix, str(copy), source_filesystem=pafs.S3FileSystem(endpoint_override=s3_server))
     assert manifest(copy)["complete"] is True and manifest(copy)["dump"]["world_size"] == 2
     assert_same_rows(read_rows(copy), read_rows(local))
+
+
+# ------------------------------------------------------------------ issue 16, defect 2: students in a bucket
+
+STUDENT = ["--student", "L2-H128", "--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64,
+           "--batch-size", 8, "--max-steps", 4, "--num-workers", 0, "--no-progress", "--seed", 1]
+
+
+def bucket_names(s3, prefix: str) -> list[str]:
+    infos = s3.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(prefix) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def test_train_student_into_a_bucket_resumes_from_it_and_evaluates_from_it(caches, s3_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server)
+    uri, prefix = f"s3://{BUCKET}/students/a", f"{BUCKET}/students/a"
+    train = ["train-student", "--cache", caches["local"], "--out", uri, *STUDENT]
+    cli_ok([*train, "--stop-after-steps", 2])
+    names = bucket_names(s3, prefix)
+    assert "checkpoints/step-000000002/meta.json" in names and "model.safetensors" not in names, names
+    assert json.loads(location(uri + "/train_summary.json").read_text())["done"] is False
+    # Not resuming a run that is there is refused, naming the bucket (not the staging folder).
+    message = cli_error(train)
+    assert f"--out {uri} already holds a checkpoint" in message and "--resume" in message, message
+    # An upload killed halfway (a newer step with no marker) is never resumed from.
+    s3.open_output_stream(f"{prefix}/checkpoints/step-000000003/model.safetensors").close()
+    cli_ok([*train, "--resume"])
+    names = bucket_names(s3, prefix)
+    assert not [n for n in names if n.startswith("checkpoints/")], names
+    assert {"config.json", "model.safetensors", "metrics.jsonl", "train_summary.json"} <= set(names)
+    summary = json.loads(location(uri + "/train_summary.json").read_text())
+    assert summary["done"] and summary["steps"] == 4 and summary["args"]["out"] == uri
+    # Bit for bit the student an uninterrupted local run makes.
+    cli_ok(["train-student", "--cache", caches["local"], "--out", tmp_path / "local", *STUDENT])
+    with s3.open_input_stream(f"{prefix}/model.safetensors") as f:
+        (tmp_path / "remote.safetensors").write_bytes(f.read())
+    a, b = load_file(tmp_path / "remote.safetensors"), load_file(tmp_path / "local" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # evaluate --model s3://... reads it.
+    remote = json.loads(cli_ok(["evaluate", "--model", uri, "--cache", caches["local"], "--json"]))
+    local = json.loads(cli_ok(["evaluate", "--model", tmp_path / "local", "--cache", caches["local"], "--json"]))
+    assert remote.pop("model") == uri and local.pop("model") == str(tmp_path / "local") and remote == local
+    cli_ok([*train, "--resume"])  # a finished run: nothing to do, nothing in the bucket changes
+    assert bucket_names(s3, prefix) == names
+    assert not list(tmp_path.glob("s3*"))  # never a local folder named "s3:"
+
+
+def test_bucket_outputs_that_are_not_supported_are_refused_in_one_line(caches, s3_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s3 = pafs.S3FileSystem(endpoint_override=s3_server)
+    message = cli_error(["sweep", "--cache", caches["local"], "--students", "tiny=L2-H128", "--out",
+                         f"s3://{BUCKET}/sweeps/x", "--gpus", "cpu", "--max-steps", 1])
+    assert "must be local" in message and "train-student --out s3://" in message
+    assert "must be a local sweep folder" in cli_error(["report", f"s3://{BUCKET}/sweeps/x", "--eval-cache",
+                                                         caches["local"]])
+    message = cli_error(["train-student", "--cache", caches["uri"], "--out", f"s3://{BUCKET}/caches/mlm/student",
+                         *STUDENT])
+    assert "inside the cache" in message
+    message = cli_error(["train-student", "--cache", caches["local"], "--out", "s3://no-such-bucket/s", *STUDENT])
+    assert "not writable" in message
+    # evaluate on a run that has not finished says so.
+    uri = f"s3://{BUCKET}/students/unfinished"
+    cli_ok(["train-student", "--cache", caches["local"], "--out", uri, *STUDENT, "--stop-after-steps", 1])
+    assert "unfinished train-student run" in cli_error(["evaluate", "--model", uri, "--cache", caches["local"]])
+    assert bucket_names(s3, f"{BUCKET}/sweeps") == []
+    assert not list(tmp_path.glob("s3*"))
+
+
+def test_a_failed_upload_is_one_line_and_the_bucket_keeps_its_last_complete_checkpoint(caches, s3_server, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"s3://{BUCKET}/students/flaky"
+    train = ["train-student", "--cache", caches["local"], "--out", uri, *STUDENT, "--save-every", 1]
+    cli_ok([*train, "--stop-after-steps", 1])
+    real = ObjectPath.write_bytes
+
+    def failing(self, data):
+        if "step-000000002" in self.path and self.name == "trainer.pt":
+            raise OSError("simulated: connection reset")
+        real(self, data)
+
+    monkeypatch.setattr(ObjectPath, "write_bytes", failing)
+    message = cli_error([*train, "--resume"])
+    assert f"cannot upload the checkpoint of step 2 to {uri} (simulated: connection reset)" in message, message
+    assert "kdcache-student-" not in message  # the bucket is named, not the staging folder
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    # The half-uploaded step 2 has no marker: the resume continues from step 1 and finishes.
+    cli_ok([*train, "--resume"])
+    assert json.loads(location(uri + "/train_summary.json").read_text())["steps"] == 4

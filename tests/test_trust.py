@@ -331,3 +331,116 @@ def test_case8_empty_and_binary_corpora_say_what_is_wrong_with_which_file(setup,
                               "--top-k", 4, "--no-progress"], *needles)
     assert "An error occurred while generating the dataset" not in message and "StopIteration" not in message
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------ issue 16, defect 6: flags the target kind ignores
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--top-k", 4, "--samples", 8], ("--samples", "--targets top-k", "drop --samples")),
+    (["--targets", "top-k", "--samples", 16], ("--samples", "--targets top-k")),  # even the default value, typed
+    (["--targets", "sample", "--top-k", 4], ("--top-k", "--targets sample", "drop --top-k")),
+])
+def test_i16_flags_the_chosen_target_kind_ignores_are_refused(setup, tmp_path, flags, needles):
+    out = tmp_path / "c"
+    one_line_error(["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", out,
+                    "--max-length", 32, "--no-progress", *flags], *needles)
+    assert not out.exists()
+
+
+def test_i16_flags_the_chosen_target_kind_uses_are_accepted(setup, tmp_path):
+    from kdcache.dump.command import _refuse_unused_target_flags, dump_logits
+
+    # Parsing only (the refusal is decided on what was typed): these combinations are all fine.
+    for flags in (["--targets", "sample", "--samples", "8"], ["--targets", "top-k+sample", "--top-k", "4", "--samples", "8"],
+                  ["--top-k", "4"], ["--targets", "sample"]):
+        ctx = dump_logits.make_context("dump-logits", ["--teacher", "t", "--out", "o", *flags])
+        _refuse_unused_target_flags(ctx, ctx.params["targets"])
+
+
+# ------------------------------------------------------------------ issue 16, defect 8: sweep's pass-through options
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--max-stepz", 3], ("No such option '--max-stepz'", "'--max-steps'", "train-student --help")),
+    (["--max-steps", "many"], ("'many' is not a valid integer",)),
+    (["--max-steps", 1, "stray"], ("unexpected extra argument", "stray")),
+])
+def test_i16_sweep_checks_passed_through_options_before_creating_anything(setup, tmp_path, extra, needles):
+    runs = tmp_path / "runs"
+    one_line_error(["sweep", "--cache", setup["cache"], "--students", "tiny=L2-H128", "--out", runs, "--gpus", "cpu",
+                    *extra], *needles)
+    assert not runs.exists()
+
+
+# ------------------------------------------------------------------ issue 16, defect 7: verify's schema message
+
+def rewrite_shard(cache: Path, name: str, table) -> None:
+    """Replace one shard with `table`, its manifest entry's size and checksum updated (so only the
+    content is wrong)."""
+    shard = cache / "data" / name
+    pq.write_table(table, shard, compression="zstd", use_dictionary=False, write_page_checksum=True)
+
+    def update(manifest):
+        entry = next(s for s in manifest["shards"] if s["file"] == f"data/{name}")
+        entry["bytes"] = shard.stat().st_size
+        entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    edit_manifest(cache, update)
+
+
+def test_i16_verify_names_the_first_column_whose_type_differs_in_one_line(setup, tmp_path):
+    import pyarrow as pa
+
+    cache = copy_cache(setup, tmp_path)
+    table = pq.read_table(cache / "data" / "part-00001.parquet")
+    index = table.schema.get_field_index("topk_logprobs")
+    wrong = pa.list_(pa.list_(pa.float32(), 4))
+    rewrite_shard(cache, "part-00001.parquet", table.set_column(index, pa.field("topk_logprobs", wrong),
+                                                                table.column(index).cast(wrong)))
+    message = one_line_error(["verify", cache], "part-00001.parquet", "column topk_logprobs is", "float",
+                             "the manifest implies", "halffloat")
+    assert "input_ids" not in message  # not the whole schema
+
+
+def test_i16_schema_difference_names_missing_extra_and_reordered_columns():
+    import pyarrow as pa
+
+    from kdcache.cache.verify import schema_difference
+
+    want = pa.schema([("a", pa.int32()), ("b", pa.list_(pa.uint16()))])
+    assert schema_difference(pa.schema([("a", pa.int32())]), want) == \
+        "schema lacks column b (list<item: uint16>) that the manifest implies"
+    assert "column c that the manifest does not imply" in schema_difference(want.append(pa.field("c", pa.int8())), want)
+    assert "column a is column 1, the manifest's order has it at 0" in schema_difference(pa.schema([want.field("b"), want.field("a")]), want)
+    assert "column a is int64" in schema_difference(pa.schema([("a", pa.int64()), want.field("b")]), want)
+
+
+# ------------------------------------------------------------------ issue 16, defect 4: a dump whose shards do not read back
+
+def test_i16_dump_fails_when_shards_it_wrote_do_not_read_back(setup, tmp_path, monkeypatch):
+    """A store that accepts writes and keeps some of them (here: shard 1's sidecar vanishes, shard 2's
+    data file too) left the cache incomplete while the dump exited 0; now it fails naming both."""
+    import kdcache.cache.shards as shards
+
+    real_json, real_parquet = shards.atomic_write_json, shards.write_parquet
+
+    def dropping_json(path, obj):
+        if Path(str(path)).name != "_part-00001.stats.json":
+            real_json(path, obj)
+
+    def dropping_parquet(table, path, **kwargs):
+        result = real_parquet(table, path, **kwargs)
+        if Path(str(path)).name == "part-00002.parquet":
+            Path(path).unlink()
+        return result
+
+    monkeypatch.setattr(shards, "atomic_write_json", dropping_json)
+    monkeypatch.setattr(shards, "write_parquet", dropping_parquet)
+    out = tmp_path / "c"
+    args = ["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", out, *DUMP]
+    one_line_error(args, "do not read back", f"--out {out}",
+                   "data/part-00001.parquet: its sidecar data/_part-00001.stats.json is not there",
+                   "data/part-00002.parquet: data/part-00002.parquet is not there", "re-run the same command")
+    monkeypatch.undo()
+    kept = snapshot(out)["data/part-00000.parquet"]
+    cli_ok(args)  # the store behaves again: the same command finishes the cache, keeping what was confirmed
+    assert snapshot(out)["data/part-00000.parquet"] == kept
+    cli_ok(["verify", out])

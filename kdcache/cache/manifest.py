@@ -188,6 +188,18 @@ def identity(manifest: dict) -> dict:
     return out
 
 
+def content_identity(manifest: dict | CacheManifest) -> str:
+    """A digest of what a cache holds, wherever it lies: its location-free identity (above) and every
+    shard's file name, rows and sha256. The same cache copied to another disk or a bucket has the same
+    one; a cache re-dumped with other settings or other data under the same path has another."""
+    import hashlib
+
+    raw = manifest.raw if isinstance(manifest, CacheManifest) else manifest
+    shards = sorted((s.get("file"), s.get("rows"), s.get("sha256")) for s in raw.get("shards") or [])
+    text = json.dumps({"identity": identity(raw), "shards": shards}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def identity_differences(old: dict, new: dict) -> list[str]:
     """Names of identity keys (dotted for nested dicts) whose values differ."""
     old, new = identity(old), identity(new)

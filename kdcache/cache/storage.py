@@ -193,6 +193,18 @@ def open_stream(path: Path | ObjectPath):
     return path.filesystem.open_input_stream(path.path) if isinstance(path, ObjectPath) else open(path, "rb")
 
 
+def read_buffer(path: Path | ObjectPath):
+    """A whole file as a pyarrow Buffer that Arrow owns. Handing Python `bytes` to a reader instead
+    (pa.BufferReader(data)) lets one of Arrow's threads hold the last reference to a Python object
+    after the read returned; dropping it needs the GIL, which aborts the process if that happens while
+    the interpreter exits (apache/arrow#34314)."""
+    import pyarrow as pa
+
+    source = path.filesystem.open_input_stream(path.path) if isinstance(path, ObjectPath) else pa.OSFile(str(path))
+    with source:
+        return source.read_buffer()
+
+
 def local_dir(path: Path | ObjectPath) -> Path:
     """A folder on local disk with the contents of `path` (copied once per process when remote,
     into a temporary folder)."""

@@ -35,6 +35,7 @@ from .schema import (
     EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns,
 )
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
+from .verify import check_rows
 
 DEFAULT_SHUFFLE_BUFFER = 2048
 # Shard files a stream keeps open at once: re-opening one costs only a footer read.
@@ -165,6 +166,7 @@ class CacheStream(IterableDataset):
         self.grad_accum = grad_accum
         self.epoch, self.stage, self.batches_done = 0, self.first_stage(), 0
         self._files: dict[int, pq.ParquetFile] = {}
+        self._checked: set[int] = set()  # row groups that passed check_rows (kept across epochs)
         self._last_group: tuple[int, pa.Table] | None = None
 
     # -- position ---------------------------------------------------------------------------
@@ -221,6 +223,11 @@ class CacheStream(IterableDataset):
         except READ_ERRORS as e:  # a page CRC mismatch, or a flip that broke decoding first
             entry = self.cache.view.shards[group.shard]
             raise corrupt_shard_error(self.cache.dir, entry, e) from None
+        if index not in self._checked:  # a checksum-valid shard can still hold an id >= vocab: once per group
+            problem = check_rows(table, self.cache.view)
+            if problem:
+                raise corrupt_shard_error(self.cache.dir, self.cache.view.shards[group.shard], problem)
+            self._checked.add(index)
         self._last_group = (index, table)
         return table
 

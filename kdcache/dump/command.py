@@ -62,6 +62,23 @@ def dump_logits(no_progress, **options):
     from ..progress import hide_library_progress_bars
     from .run import DumpOptions, run_dump
 
+    _refuse_unused_target_flags(click.get_current_context(), options["targets"])
     if no_progress:
         hide_library_progress_bars()
     run_dump(DumpOptions(**options, progress=not no_progress, echo=click.echo))
+
+
+def _refuse_unused_target_flags(ctx: click.Context, targets: str) -> None:
+    """A --samples or --top-k the chosen --targets does not use would be silently ignored: the user
+    meant another kind of cache. Only values given on the command line count (both have defaults)."""
+    from ..errors import KdcacheError
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+    if targets == "top-k" and given("samples"):
+        raise KdcacheError("--samples sets the draws of --targets sample or top-k+sample; --targets top-k stores "
+                           "no draws: drop --samples, or pass --targets top-k+sample (or sample)")
+    if targets == "sample" and given("top_k"):
+        raise KdcacheError("--top-k sets the exact head of --targets top-k or top-k+sample; --targets sample stores "
+                           "draws only: drop --top-k, or pass --targets top-k+sample")

@@ -21,6 +21,7 @@ from ..distributed import ProcessGroup
 from ..distributed import setup as setup_process_group
 from ..errors import KdcacheError
 from .batching import make_batches, padded_tokens
+from .confirm import check_complete
 from .options import (  # noqa: F401 - DTYPES, DEFAULT_*, resolve_dtype: re-exported for benchmarks/
     DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_SAMPLES, DTYPES, DumpOptions, DumpResult,
     resolve_device, resolve_dtype, validate,
@@ -137,6 +138,7 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
     final["dump"] = accumulate_runs(previous_run, run_info)
     if dist.rank == 0:
         write_cache_json(manifest_path(out), final)
+    check_complete(final, out)  # every shard was written by now: one that does not read back is a failure
     summary = summarize(final, run_info, out)
     echo(summary)
     return DumpResult(final, final["totals"]["rows"], final["totals"]["positions"], plan.num_shards,

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..cache.manifest import read_manifest
-from ..cache.storage import ObjectPath, location
+from ..cache.storage import ObjectPath, is_remote, location
 from ..errors import KdcacheError
 from .launcher import Job, gpu_slots, run_jobs
 from .lr_rule import BASE_LR, BASE_WIDTH, RULES, default_rule, student_lr
@@ -14,7 +14,7 @@ from .runs import (
     TRAIN_LOG, TRAIN_SUMMARY, check_or_record, has_flag, has_progress, is_finished, option_value,
     training_identity, without_options,
 )
-from .specs import SWEEP_OWNED_OPTIONS, parse_students
+from .specs import SWEEP_OWNED_OPTIONS, check_train_args, parse_students
 
 
 def student_args(student, train_args: list[str], lr_rule: str):
@@ -64,8 +64,8 @@ def plan(cache: Path | ObjectPath, students, out: Path, train_args: list[str], e
               help="Comma-separated student specs: presets like L2-H128,L4-H256, config.json files or model dirs. "
                    "NAME=SPEC names a run folder (e.g. hard=L2-H128); SPEC:option=value sets any train-student "
                    "option for that student only (e.g. big=L4-H256:lr=3e-4:batch-size=16).")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-              help="Sweep folder: each student trains into OUT/<name>/.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="Sweep folder: each student trains into OUT/<name>/ (a local folder).")
 @click.option("--gpus", "devices", default="auto", show_default=True,
               help="auto: one student per visible GPU at a time when there are two or more, else one after another; "
                    "'0,1': those GPUs; cpu: one after another.")
@@ -94,9 +94,15 @@ def sweep_cmd(ctx, cache: str, students: str, out: Path, devices: str, lr_rule: 
       kdcache report runs/sweep --eval-cache runs/eval-cache
     """
     train_args = list(ctx.args)
+    if is_remote(out):  # never a local folder named "s3:"
+        raise KdcacheError(f"sweep --out {out}: a sweep's folder must be local (its runs keep logs and records there "
+                           "while students train); use a local --out and copy it up when done, or train single "
+                           "students with `kdcache train-student --out s3://...`")
+    out = Path(out)
     for option in SWEEP_OWNED_OPTIONS:
         if has_flag(train_args, option):
             raise KdcacheError(f"sweep sets {option} for each student itself; drop it from the command line")
+    check_train_args(train_args)
     cache = location(cache)  # a folder, or an object-store prefix kept as a URI
     read_manifest(cache)  # a missing or foreign cache fails here, before any folder is created
     student_list = parse_students(students)

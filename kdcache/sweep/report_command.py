@@ -9,7 +9,7 @@ import click
 from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import read_manifest
 from ..cache.schema import TOP_K, describe_targets, targets_of
-from ..cache.storage import location
+from ..cache.storage import is_remote, location
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
 from .answers import ANSWERS_JSON, Answerer, chat_tokenizer, echo_lines, read_prompts, side_by_side
@@ -72,7 +72,7 @@ def teacher_row(manifest: dict, runs, metrics: dict | None) -> dict:
 
 
 @click.command("report")
-@click.argument("runs_dir", metavar="RUNS", type=click.Path(path_type=Path))
+@click.argument("runs_dir", metavar="RUNS", type=click.Path())
 @click.option("--eval-cache", required=True, type=click.Path(),
               help="Held-out cache to evaluate on (same teacher and tokenizer as the training cache, other text): "
                    "a folder or an s3:// (gs://, hdfs://) URI.")
@@ -104,6 +104,9 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
       kdcache report runs/sweep --eval-cache runs/eval-cache
       kdcache report runs/sweep --eval-cache runs/eval-cache --answers prompts.jsonl --max-new-tokens 64
     """
+    if is_remote(runs_dir):  # a sweep folder is local (see `kdcache sweep --out`): never a folder named "s3:"
+        raise KdcacheError(f"report {runs_dir}: RUNS must be a local sweep folder; copy it from the bucket first")
+    runs_dir = Path(runs_dir)
     eval_cache = location(eval_cache)  # a folder, or an object-store prefix kept as a URI
     runs, unfinished = find_runs(runs_dir)
     eval_manifest = read_manifest(eval_cache)

@@ -54,6 +54,23 @@ def _train_student_options() -> dict:
             for opt in param.opts if opt.startswith("--")}
 
 
+def check_train_args(train_args: list[str]) -> None:
+    """The options passed through to every student, parsed as train-student parses them (names,
+    values, types) so a typo fails in one line before any student's folder exists."""
+    import click
+
+    from ..train.command import train_student
+    # The options the sweep adds itself, as placeholders: parsing converts values, it opens nothing.
+    args = [*train_args, "--cache", "CACHE", "--student", "SPEC", "--out", "OUT"]
+    try:
+        train_student.make_context("train-student", args, resilient_parsing=False)
+    except click.exceptions.Exit:  # --help: train-student's help was printed
+        raise KdcacheError("--help is not passed to the students; see `kdcache train-student --help`") from None
+    except click.ClickException as e:
+        raise KdcacheError(f"option for every student: {e.format_message()} (the sweep passes its other options to "
+                           "`kdcache train-student`; see `kdcache train-student --help`)") from None
+
+
 def parse_option(text: str, item: str, known: dict) -> tuple[str, str | None]:
     """`lr=3e-4` -> ("--lr", "3e-4"); `init-from-teacher` -> ("--init-from-teacher", None); checked
     against train-student's own options and types so a typo fails before any student trains."""

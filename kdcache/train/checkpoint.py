@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -23,6 +24,9 @@ from ..cache.files import fsync_file
 
 CHECKPOINT = "checkpoint"
 _TMP, _OLD = ".checkpoint.tmp", ".checkpoint.old"
+# Called (main rank) with a new checkpoint's folder once it is in place, by --out folder:
+# `train-student --out s3://...` uploads it from its staging folder (kdcache.train.bucket_out).
+ON_SAVED: dict[str, Callable[[Path], None]] = {}
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -62,6 +66,8 @@ def save(out: Path, dist, *, model, trainer_state: dict, rank_state: dict, meta:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        if str(out) in ON_SAVED:
+            ON_SAVED[str(out)](final)
     dist.barrier()
 
 

@@ -24,9 +24,9 @@ Examples:
 @click.option("--student", required=True,
               help="Size preset L{2,4,6,8,10,12}-H{128,256,512,768} in the teacher's architecture family "
                    "(e.g. L4-H256), a config.json, or a model directory to continue from.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=click.Path(),
               help="Output directory: the final student (save_pretrained + tokenizer), checkpoints, metrics.jsonl, "
-                   "train_summary.json.")
+                   "train_summary.json; or an s3:// (gs://, hdfs://) prefix, written as whole objects (one process).")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps to train for.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
               help="Passes over the cache (fractions allowed); converted to a step count that is the same on "
@@ -101,7 +101,13 @@ def train_student(**opts):
     for key in ("lr", "temperature"):
         if opts[key] <= 0:
             raise KdcacheError(f"--{key} must be > 0, got {opts[key]}")
-    summary = train(TrainConfig(sizes=sizes, **opts))
+    from ..cache.storage import is_remote
+    if is_remote(opts["out"]):  # staged locally, mirrored into the bucket (kdcache.train.bucket_out)
+        from .bucket_out import train_into_bucket
+        summary = train_into_bucket(opts["out"], opts["cache"],
+                                    lambda staging: train(TrainConfig(sizes=sizes, **{**opts, "out": staging})))
+    else:
+        summary = train(TrainConfig(sizes=sizes, **{**opts, "out": Path(opts["out"])}))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
@@ -112,5 +118,6 @@ def train_student(**opts):
                    f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
                    f"({rate:,.0f} tokens/s); saved to {opts['out']}", err=True)
     else:
+        where = f"{opts['out']}/checkpoints/" if is_remote(opts["out"]) else f"{opts['out']}/checkpoint"
         click.echo(f"stopped at step {summary['steps']} of {summary['total_steps']}; checkpoint in "
-                   f"{opts['out']}/checkpoint; continue with --resume", err=True)
+                   f"{where}; continue with --resume", err=True)

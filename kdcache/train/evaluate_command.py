@@ -13,8 +13,9 @@ LABELS = (("kl", "KL(teacher || model)", "{:.4f}"), ("top1_agreement", "top-1 ag
 
 @click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]},
                epilog="Example: kdcache evaluate --model students/l4 --cache heldout_cache --json")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="A trained student (train-student --out) or any save_pretrained model of the cache's task.")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="A trained student (train-student --out, a folder or an s3:// prefix) or any save_pretrained "
+                   "model of the cache's task.")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(),
               help="A held-out cache from `kdcache dump-logits` (same teacher and tokenizer, other text); "
                    "a folder or an s3:// (gs://, hdfs://) URI.")
@@ -28,8 +29,14 @@ def evaluate_cmd(model_dir, cache_dir, batch_size, device, max_rows, as_json):
     perplexity, and the teacher's own accuracy."""
     from .evaluate import evaluate
 
-    metrics = evaluate(model_dir, cache_dir, batch_size=batch_size, device=device, max_rows=max_rows,
+    from ..cache.storage import is_remote
+    local = Path(model_dir)
+    if is_remote(model_dir):
+        from .bucket_out import fetch_student
+        local = fetch_student(model_dir)
+    metrics = evaluate(local, cache_dir, batch_size=batch_size, device=device, max_rows=max_rows,
                        progress=not as_json)
+    metrics["model"] = str(model_dir)
     if as_json:
         click.echo(json.dumps(metrics))
         return

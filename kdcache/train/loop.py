@@ -21,7 +21,7 @@ import torch
 
 from ..cache.collate import move_batch
 from ..cache.files import atomic_write_bytes, atomic_write_json
-from ..cache.manifest import enclosing_cache
+from ..cache.manifest import content_identity, enclosing_cache
 from ..cache.schema import TOP_K
 from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, open_cache
@@ -40,9 +40,11 @@ from .watch import LossWatch
 SUMMARY = "train_summary.json"
 METRICS = "metrics.jsonl"
 # Settings a checkpoint must share with the run that resumes it (else it would not be "exact").
+# The cache is compared by content (manifest.content_identity), not by path: a cache moved or copied
+# (another disk, a bucket) resumes, one re-dumped under the same path does not.
 # Processes, loader workers, micro-batch size and accumulation may change as long as their global
 # batch does (the stream re-partitions the epoch's unread rows; see kdcache.cache.partition).
-RESUME_KEYS = ("cache", "student", "task", "global_batch", "seed", "temperature", "alpha", "tail",
+RESUME_KEYS = ("cache_content", "student", "task", "global_batch", "seed", "temperature", "alpha", "tail",
                "online_teacher", "total_steps", "shuffle_buffer")
 
 
@@ -194,7 +196,8 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    identity = {"cache": describe(cfg.cache), "student": plan.spec, "task": task,
+    identity = {"cache": describe(cfg.cache), "cache_content": content_identity(cache.view),
+                "student": plan.spec, "task": task,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                 "temperature": cfg.temperature, "alpha": cfg.alpha, "tail": cfg.tail,
                 "online_teacher": str(cfg.online_teacher) if cfg.online_teacher else None,
@@ -298,7 +301,13 @@ def _restore(ckpt: Path, cfg: TrainConfig, dist, out: Path, identity: dict, mode
     """Load a checkpoint after checking it belongs to this run; returns the run state."""
     device = dist.device
     meta = checkpoint.read_meta(ckpt)
-    diffs = [k for k in RESUME_KEYS if meta["identity"].get(k) != identity.get(k)]
+    keys = RESUME_KEYS if "cache_content" in meta["identity"] else ("cache", *RESUME_KEYS[1:])  # older checkpoints
+    diffs = [k for k in keys if meta["identity"].get(k) != identity.get(k)]
+    if diffs and diffs[0] == "cache_content":
+        raise KdcacheError(
+            f"cannot resume {out}: --cache {cfg.cache} does not hold the cache its checkpoint was trained on "
+            f"(that was {meta['identity'].get('cache')}; the identity or the shards' checksums differ, e.g. it was "
+            "re-dumped); resume with that cache (at any path), or start a new run in another --out")
     if diffs and diffs[0] == "global_batch":
         raise KdcacheError(
             f"cannot resume {out} exactly: its global batch (processes x --grad-accum x --batch-size) was "
