@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..cache import schema as S
 from ..distributed import ProcessGroup
+from . import chat_spans
 from .options import DumpResult
 from .rows import RowPlan
 
@@ -32,7 +33,8 @@ def summarize(manifest: dict, run_info: dict, out: Path) -> str:
     return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions ({S.describe_targets(manifest)}, {manifest['task']}) "
             f"in {manifest['num_shards']} shards to {out}: {human_bytes(t['bytes'])} on disk, {per_pos:.1f} bytes per position; "
             f"this run processed {run_info['real_tokens']:,} tokens in {run_info['seconds']:.1f} s "
-            f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}.")
+            f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}."
+            + (f"\n{chat}" if (chat := chat_spans.summary_line(manifest)) else ""))
 
 
 def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
