@@ -215,13 +215,14 @@ def encode_dataset(corpus, encoder: ChatEncoder):
 
 def split_encoded(encoded) -> tuple[object, list[tuple[int, str]], dict]:
     """(the aligned conversations, [(example index, problem)] of the skipped ones, summary counts)."""
-    meta = encoded.select_columns([SOURCE_INDEX, PROBLEM, TURNS, ASSISTANT_TURNS, TRUNCATED, END_OF_TURN])[:]
+    meta = encoded.select_columns([SOURCE_INDEX, PROBLEM, TURNS, ASSISTANT_TURNS, TRUNCATED, END_OF_TURN, LENGTH])[:]
     ok = [not p for p in meta[PROBLEM]]
     skipped = [(i, p) for i, p in zip(meta[SOURCE_INDEX], meta[PROBLEM]) if p]
     kept = lambda column: [v for v, good in zip(meta[column], ok) if good]  # noqa: E731
     truncated = Counter(kept(TRUNCATED))
     markers = Counter(kept(END_OF_TURN))
     summary = {"conversations": sum(ok), "turns": sum(kept(TURNS)), "assistant_turns": sum(kept(ASSISTANT_TURNS)),
+               "tokens": sum(kept(LENGTH)),  # what the teacher reads: every token of the (truncated) conversations
                "truncated_at_turn": truncated[AT_TURN], "truncated_mid_turn": truncated[MID_TURN],
                "end_of_turn": markers.most_common(1)[0][0] if markers else "", "misaligned": len(skipped)}
     good = encoded.filter(lambda batch: [not p for p in batch[PROBLEM]], batched=True)

@@ -64,6 +64,8 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
                f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {S.describe_targets(manifest)}"
                f"{'; every draw counted as a distinct id' if draws else ''}; zstd usually saves a little on log-probs, "
                "more on ids); the teacher was not run.")
+    if chat := chat_spans.summary_line(manifest):
+        summary += f"\n{chat}"
     echo(summary)
     return DumpResult(None, rows, positions, plan.num_shards, real_tokens=tokens, summary=summary,
                       extra={"estimated_bytes": estimate})
