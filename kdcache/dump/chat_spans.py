@@ -28,6 +28,7 @@ from ..errors import KdcacheError
 from .chat import CONVERSATION, report_problems
 from .corpus import SOURCE_INDEX
 from .rows import INPUT_IDS, LENGTH, TARGET_POSITIONS
+from .teacher import tokenizer_fingerprint
 
 ASSISTANT, ALL, LAST_ASSISTANT = "assistant", "all", "last-assistant"
 TARGETS_ON = (ASSISTANT, ALL, LAST_ASSISTANT)
@@ -102,6 +103,7 @@ class ChatEncoder:
     def __init__(self, tokenizer, template: ChatTemplate, *, max_length: int, targets_on: str = ASSISTANT):
         self.tokenizer, self.template, self.max_length, self.targets_on = tokenizer, template, max_length, targets_on
         self.specials = special_tokens(tokenizer)
+        self.tokenizer_sha256 = tokenizer_fingerprint(tokenizer)  # the vocabulary and special tokens, hashed
 
     def render(self, messages: list[dict]) -> str:
         if not messages:
@@ -210,7 +212,13 @@ def encode_dataset(corpus, encoder: ChatEncoder):
                 END_OF_TURN: [r.end_of_turn for r in rows], PROBLEM: [r.problem for r in rows]}
 
     drop = [c for c in corpus.dataset.column_names if c != SOURCE_INDEX]
-    return corpus.dataset.map(encode, batched=True, batch_size=100, remove_columns=drop, desc="rendering conversations")
+    # datasets keys its map cache on a hash of `encode`, which does not see this module's code: name the
+    # result by everything that decides it instead, so an upgraded kdcache never reuses an older alignment.
+    fingerprint = json_sha256({"data": corpus.dataset._fingerprint, "code": Path(__file__).read_text(),
+                               "template": encoder.template.sha256, "max_length": encoder.max_length,
+                               "targets_on": encoder.targets_on, "tokenizer": encoder.tokenizer_sha256})[:32]
+    return corpus.dataset.map(encode, batched=True, batch_size=100, remove_columns=drop, desc="rendering conversations",
+                              new_fingerprint=fingerprint)
 
 
 def split_encoded(encoded) -> tuple[object, list[tuple[int, str]], dict]:
