@@ -27,8 +27,8 @@ ROLEPLAY = DATA / "gpteacher_roleplay.json"           # 1,923 {instruction, inpu
 CONVERSATIONS = DATA / "fastchat_conversations.json"  # 500 multi-turn ShareGPT conversations, Apache-2.0
 # As the causal-LM quickstart: the exact top-8 plus 16 draws from the rest (unbiased, ~85 B/position there).
 TARGETS = ["--targets", "top-k+sample", "--top-k", 8, "--samples", 16]
-# Small: 100 conversations (~19k tokens, ~13k of them assistant tokens), 2 epochs of 4-conversation batches.
-SMALL = dict(train=100, heldout=30, max_length=256, dump_batch=8, students=[2, 4], epochs=2, batch=4, lr=1e-3,
+# Small: 100 conversations (~21k tokens, ~14k of them assistant tokens), one epoch of 4-conversation batches (25 steps).
+SMALL = dict(train=100, heldout=30, max_length=256, dump_batch=8, students=[2, 4], epochs=1, batch=4, lr=1e-3,
              answers=4)
 FULL = dict(train=None, heldout=100, max_length=512, dump_batch=32, students=[2, 4, 8, 15], epochs=3, batch=16,
             lr=5e-4, answers=8)
