@@ -266,8 +266,10 @@ def summary_line(manifest: dict) -> str:
     if not chat or not counts:
         return ""
     eot = counts.get("end_of_turn") or "none found"
+    totals = manifest.get("totals") or {}
+    per_conversation = f", {totals['bytes'] / totals['rows']:,.0f} bytes per conversation" if totals.get("rows") else ""
     return (f"Chat: {counts['conversations']:,} conversations, {counts['turns']:,} turns, {counts['assistant_turns']:,} "
-            f"assistant turns with targets (--targets-on {chat['targets_on']}, end of turn {eot!r}); truncated to "
+            f"assistant turns with targets (--targets-on {chat['targets_on']}, end of turn {eot!r}{per_conversation}); truncated to "
             f"--max-length {manifest['max_length']}: {counts['truncated_at_turn']:,} at a turn boundary, "
             f"{counts['truncated_mid_turn']:,} inside a turn; skipped: {counts['skipped_rows']:,} bad rows, "
             f"{counts['misaligned']:,} not alignable.")
