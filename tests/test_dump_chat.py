@@ -179,6 +179,14 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tmp_path, chat_tokenizer,
         len(r["input_ids"]) > limit for r in full)
 
 
+def test_dry_run_renders_and_counts_without_the_teacher(tmp_path, capsys, chatml_teacher, conversations):
+    _, stdout, _ = dump(chatml_teacher, conversations, tmp_path / "dry", "--top-k", K, "--dry-run", capsys=capsys)
+    targets = sum(len(c) for c in [[m for m in conv if m["role"] == "assistant"] for conv in CONVERSATIONS])
+    assert f"dry run: {len(CONVERSATIONS)} rows" in stdout and "the teacher was not run" in stdout
+    assert f"Chat: {len(CONVERSATIONS)} conversations, {sum(map(len, CONVERSATIONS))} turns, {targets} assistant turns" in stdout
+    assert not (tmp_path / "dry").exists()
+
+
 def read_rows_of(out, teacher, data):
     dump(teacher, data, out, "--top-k", K)
     return read_rows(out)
@@ -297,7 +305,7 @@ RESUME = ["--top-k", K, "--shard-rows", 4, "--max-tokens-per-batch", 256]
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("many") / "many.jsonl", many_conversations(96))
+    return write_jsonl(tmp_path_factory.mktemp("many") / "many.jsonl", many_conversations(128))
 
 
 @pytest.fixture(scope="module")
