@@ -226,7 +226,7 @@ def test_bad_rows_are_reported_by_index_or_refused_with_strict(tmp_path, capsys,
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "cache"
     _, stdout, _ = dump(chatml_teacher, data, out, "--top-k", K, capsys=capsys)
-    assert "skipped 4 of 6 conversations" in stdout
+    assert "skipped 4 of 6 rows that are not usable conversations" in stdout
     for fragment in ("example 1: no assistant turn", "example 2: turn 1 has unknown role 'bot'",
                      "example 3: turn 1 (assistant) has NoneType content", "example 4: empty conversation"):
         assert fragment in stdout
@@ -234,7 +234,7 @@ def test_bad_rows_are_reported_by_index_or_refused_with_strict(tmp_path, capsys,
     assert manifest(out)["chat_summary"]["skipped_rows"] == 4
     error = cli_error(["dump-logits", "--teacher", chatml_teacher, "--data", data, "--out", tmp_path / "strict",
                        "--no-progress", "--strict"])
-    assert "--strict: 4 of 6 conversations" in error and "example 1: no assistant turn" in error
+    assert "--strict: 4 of 6 rows are not usable conversations" in error and "example 1: no assistant turn" in error
     assert not (tmp_path / "strict").exists()
 
 

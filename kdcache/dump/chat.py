@@ -103,13 +103,14 @@ def normalise_dataset(ds, layout: str, columns: list[str]):
     return ds.map(convert, batched=True, batch_size=1000, desc="reading conversations")
 
 
-def report_problems(problems: list[tuple[int, str]], total: int, what: str, *, strict: bool, echo) -> None:
+def report_problems(problems: list[tuple[int, str]], total: int, what: str, *, strict: bool, echo,
+                    noun: str = "conversations") -> None:
     """Say which examples are skipped and why (or refuse them under --strict): never silent."""
     if not problems:
         return
     shown = "; ".join(f"example {i}: {p}" for i, p in problems[:10])
     more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
     if strict:
-        raise KdcacheError(f"--strict: {len(problems)} of {total} conversations {what} ({shown}{more}); fix those rows "
+        raise KdcacheError(f"--strict: {len(problems)} of {total} {noun} {what} ({shown}{more}); fix those rows "
                            "in --data, or drop --strict to skip them with a report")
-    echo(f"skipped {len(problems)} of {total} conversations that {what} ({shown}{more}); --strict refuses them instead")
+    echo(f"skipped {len(problems)} of {total} {noun} that {what} ({shown}{more}); --strict refuses them instead")

@@ -165,8 +165,8 @@ def check_chat(opts: DumpOptions, dist: ProcessGroup, teacher, task: str, corpus
     corpus.chat["template"] = resolve_template(teacher.tokenizer, opts.chat_template)
     corpus.chat["targets_on"] = targets_on
     echo(corpus.chat["detected"])
-    report_problems(corpus.bad_rows, corpus.description["num_source_examples"], "are not conversations",
-                    strict=opts.strict, echo=echo)
+    report_problems(corpus.bad_rows, corpus.description["num_source_examples"], "are not usable conversations",
+                    strict=opts.strict, echo=echo, noun="rows")
     if corpus.description["num_nonempty_examples"] == 0:
         raise KdcacheError(f"--data {opts.data} has no usable conversation (all {corpus.description['num_source_examples']} "
                            "rows are bad, see above); fix the rows or point --data elsewhere")
