@@ -19,6 +19,7 @@ from .storage import ObjectPath, location
 IDENTITY_KEYS = (
     "format_version", "task", "k", "vocab_size", "target_vocab_size", "dtype", "max_length",
     "packing", "mlm_probability", "mask_copies", "seed", "shard_rows", "teacher", "tokenizer", "data", "targets",
+    "chat",  # chat caches: layout, --targets-on, template hash (absent = None for every other cache)
 )
 
 

@@ -94,4 +94,26 @@ def cache_stats(cache_dir: Path) -> dict:
         "mean_stored_mass": mean(stored_mass),
         "labelled_positions": labelled,
         "teacher_top1_accuracy": round(correct / labelled, 6) if labelled else None,
+        **chat_stats(manifest.raw, positions, bytes_),
+    }
+
+
+def chat_stats(manifest: dict, positions: int, bytes_: int) -> dict:
+    """Chat caches (manifest "chat"): conversations, turns, assistant targets and bytes per conversation."""
+    chat, counts = manifest.get("chat"), manifest.get("chat_summary") or {}
+    if not chat:
+        return {}
+    rows = (manifest.get("totals") or {}).get("rows", 0)
+    return {
+        "chat_layout": chat.get("layout"),
+        "targets_on": chat.get("targets_on"),
+        "end_of_turn": counts.get("end_of_turn") or None,
+        "conversations": rows,
+        "turns": counts.get("turns"),
+        "assistant_turns": counts.get("assistant_turns"),
+        "assistant_tokens": positions,  # the cached targets: assistant content + end-of-turn tokens
+        "conversation_tokens": counts.get("tokens"),  # every token the teacher reads (all shards)
+        "bytes_per_conversation": round(bytes_ / rows, 1) if rows else None,
+        "truncated_conversations": (counts.get("truncated_at_turn", 0) + counts.get("truncated_mid_turn", 0)) if counts else None,
+        "skipped_conversations": (counts.get("skipped_rows", 0) + counts.get("misaligned", 0)) if counts else None,
     }

@@ -22,6 +22,16 @@ BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare
 @click.option("--text-column", default="text", show_default=True, help="Column holding the text (.txt: one line per example).")
 @click.option("--text-pair-column", default=None, help="Second text column, for sentence-pair classification.")
 @click.option("--label-column", default=None, help="Gold label column (seq-cls), kept as hard labels; names or ids.")
+@click.option("--messages-column", default=None,
+              help="Chat corpora: column of {role, content} messages (default 'messages'; ShareGPT 'conversations' and "
+                   "instruction/input/output rows are detected too).")
+@click.option("--chat-template", default=None, type=click.Path(dir_okay=False),
+              help="Chat corpora: Jinja chat template file, for a teacher whose tokenizer has none (overrides its own).")
+@click.option("--targets-on", type=click.Choice(["assistant", "all", "last-assistant"]), default=None,
+              help="Chat corpora: cache targets for every assistant turn (default), the last one only, or all positions. "
+                   "A target is a position whose next token is assistant content or its end-of-turn marker.")
+@click.option("--strict", is_flag=True, help="Chat corpora: refuse bad or unalignable conversations instead of skipping "
+                                             "them with a report.")
 @click.option("--max-length", type=int, default=None, help="Tokens per row; default min(teacher limit, 512).")
 @click.option("--packing/--no-packing", default=None,
               help="LM tasks: concatenate the corpus and cut max-length blocks (default), or truncate each example.")
@@ -58,6 +68,7 @@ def dump_logits(no_progress, **options):
     Example:
       kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/ --top-k 32
       kdcache dump-logits --teacher ./llama --out cache/ --targets top-k+sample --top-k 8 --samples 16
+      kdcache dump-logits --teacher ./smollm2-instruct --data chats.jsonl --out chat-cache/   # assistant turns only
     """
     from ..progress import hide_library_progress_bars
     from .run import DumpOptions, run_dump

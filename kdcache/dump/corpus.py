@@ -9,11 +9,12 @@ from __future__ import annotations
 import codecs
 import csv
 import glob as globlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache.files import files_sha256
 from ..errors import KdcacheError
+from . import chat as chat_layouts
 
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
             ".tsv": "csv", ".parquet": "parquet"}
@@ -26,6 +27,10 @@ class Corpus:
     description: dict        # manifest["data"]
     has_pair: bool
     has_label: bool
+    # Chat corpora (kdcache.dump.chat): the layout detected, its source columns, the one line saying so,
+    # and the (example index, problem) of rows that are no conversation (reported, never silently dropped).
+    chat: dict | None = None
+    bad_rows: list = field(default_factory=list)
 
 
 def _local_files(data: str) -> list[Path] | None:
@@ -129,13 +134,27 @@ def _load_hub(data: str, split: str):
                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); check the name and --split") from None
 
 
+def _source(data: str, files) -> str:
+    if files is None:
+        return data
+    return str(Path(data).expanduser().resolve()) if not any(ch in data for ch in "*?[") else str(Path(data).expanduser().absolute())
+
+
 def load_corpus(data: str, *, split: str = "train", text_column: str = "text", text_pair_column: str | None = None,
-                label_column: str | None = None, limit: int | None = None) -> Corpus:
+                label_column: str | None = None, limit: int | None = None, messages_column: str | None = None) -> Corpus:
     files = _local_files(data)
     if files is not None and not files:
         raise KdcacheError(f"--data {data}: no such file, or the glob/directory matches no .txt/.jsonl/.json/.csv/.tsv/.parquet files")
     ds = _load_local(files, data, split) if files is not None else _load_hub(data, split)
     num_loaded = len(ds)
+    if messages_column and messages_column not in ds.column_names:
+        raise KdcacheError(f"--messages-column {messages_column!r} is not a column of --data {data} (columns: "
+                           f"{', '.join(ds.column_names)}); pass --messages-column with one of them")
+    # A corpus without the text column but in a chat layout is a chat corpus (see kdcache.dump.chat).
+    if messages_column or text_column not in ds.column_names:
+        layout = chat_layouts.detect(ds.column_names, messages_column)
+        if layout is not None and not text_pair_column and not label_column:
+            return _chat_corpus(ds, data, files, split, limit, *layout)
     wanted = [(text_column, TEXT, "--text-column")]
     if text_pair_column:
         wanted.append((text_pair_column, TEXT_PAIR, "--text-pair-column"))
@@ -156,14 +175,32 @@ def load_corpus(data: str, *, split: str = "train", text_column: str = "text", t
     if len(ds) == 0:
         raise KdcacheError(f"--data {data} (split {split!r}, column {text_column!r}) has no non-empty text "
                            f"({num_loaded} rows loaded{f', --limit {limit}' if limit is not None else ''}); point at a corpus with text")
-    source = data
-    if files is not None:
-        source = str(Path(data).expanduser().resolve()) if not any(ch in data for ch in "*?[") else str(Path(data).expanduser().absolute())
     description = {
-        "source": source, "split": split, "text_column": text_column, "text_pair_column": text_pair_column,
+        "source": _source(data, files), "split": split, "text_column": text_column, "text_pair_column": text_pair_column,
         "label_column": label_column, "limit": limit, "num_source_examples": num_source,
         "num_nonempty_examples": len(ds),
         # Content, not just the name: an edited file at the same path is a different corpus.
         "content_sha256": files_sha256(files) if files is not None else getattr(ds, "_fingerprint", None),
     }
     return Corpus(dataset=ds, description=description, has_pair=bool(text_pair_column), has_label=bool(label_column))
+
+
+def _chat_corpus(ds, data: str, files, split: str, limit: int | None, layout: str, columns: list[str]) -> Corpus:
+    """The conversations of a chat corpus as CONVERSATION (JSON messages) + SOURCE_INDEX; bad rows listed."""
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    ds = ds.select_columns(columns)
+    ds = ds.add_column(SOURCE_INDEX, list(range(len(ds))))
+    ds = chat_layouts.normalise_dataset(ds, layout, columns)
+    problems = ds[chat_layouts.PROBLEM]
+    bad = [(i, p) for i, p in zip(ds[SOURCE_INDEX], problems) if p]
+    ds = ds.filter(lambda batch: [not p for p in batch[chat_layouts.PROBLEM]], batched=True)
+    ds = ds.select_columns([chat_layouts.CONVERSATION, SOURCE_INDEX])
+    num_source = len(problems)
+    description = {
+        "source": _source(data, files), "split": split, "chat_layout": layout, "chat_columns": columns,
+        "limit": limit, "num_source_examples": num_source, "num_nonempty_examples": len(ds),
+        "content_sha256": files_sha256(files) if files is not None else getattr(ds, "_fingerprint", None),
+    }
+    info = {"layout": layout, "columns": columns, "detected": chat_layouts.describe(layout, columns)}
+    return Corpus(dataset=ds, description=description, has_pair=False, has_label=False, chat=info, bad_rows=bad)

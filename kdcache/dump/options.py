@@ -10,6 +10,8 @@ from ..cache import schema as S
 from .. import distributed
 from ..distributed import ProcessGroup
 from ..errors import KdcacheError
+from .chat import report_problems
+from .chat_spans import ASSISTANT, TARGETS_ON, resolve_template
 from .corpus import load_corpus
 from .teacher import load_model, load_teacher
 
@@ -50,6 +52,11 @@ class DumpOptions:
     trust_remote_code: bool = False
     progress: bool = True
     echo: object = print
+    # Chat corpora (kdcache.dump.chat, chat_spans): column, template file, which tokens are targets.
+    messages_column: str | None = None
+    chat_template: str | None = None
+    targets_on: str | None = None
+    strict: bool = False
 
 
 @dataclass
@@ -128,9 +135,39 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
     if max_length < 2:
         raise KdcacheError(f"--max-length must be >= 2, got {max_length}")
     corpus = load_corpus(opts.data, split=opts.split, text_column=opts.text_column,
-                         text_pair_column=opts.text_pair_column, label_column=opts.label_column, limit=opts.limit)
+                         text_pair_column=opts.text_pair_column, label_column=opts.label_column, limit=opts.limit,
+                         messages_column=opts.messages_column)
+    if corpus.chat is not None:
+        packing = check_chat(opts, dist, teacher, task, corpus)
+    elif opts.chat_template or opts.targets_on:
+        raise KdcacheError(f"{'--chat-template' if opts.chat_template else '--targets-on'} is for chat corpora, but --data "
+                           f"{opts.data} has a {opts.text_column!r} column and no messages/conversations/instruction "
+                           "column; drop the option, or point --data at conversations")
     if not opts.dry_run:
         load_model(teacher, dtype=DTYPES[dtype], device=device)
         if task != "seq-cls" and k > teacher.target_vocab_size:
             raise KdcacheError(f"--top-k {k} exceeds the teacher's output size {teacher.target_vocab_size}")
     return device, dtype, teacher, corpus, task, k, packing, max_length
+
+
+def check_chat(opts: DumpOptions, dist: ProcessGroup, teacher, task: str, corpus) -> bool:
+    """Checks for a chat corpus; says what was detected and which rows are skipped. Returns packing (off)."""
+    echo = opts.echo if dist.rank == 0 else (lambda *a, **kw: None)
+    if task != "clm":
+        raise KdcacheError(f"--data {opts.data} holds conversations, which need a causal-LM (chat) teacher; the teacher "
+                           f"is a {task} model: pass a decoder teacher, or --text-column for plain text")
+    if opts.packing:
+        raise KdcacheError("--packing is not offered for chat corpora (one conversation per row, so no conversation "
+                           "attends to another); drop --packing")
+    targets_on = opts.targets_on or ASSISTANT
+    if targets_on not in TARGETS_ON:
+        raise KdcacheError(f"--targets-on {targets_on!r} is not one of {', '.join(TARGETS_ON)}")
+    corpus.chat["template"] = resolve_template(teacher.tokenizer, opts.chat_template)
+    corpus.chat["targets_on"] = targets_on
+    echo(corpus.chat["detected"])
+    report_problems(corpus.bad_rows, corpus.description["num_source_examples"], "are not usable conversations",
+                    strict=opts.strict, echo=echo, noun="rows")
+    if corpus.description["num_nonempty_examples"] == 0:
+        raise KdcacheError(f"--data {opts.data} has no usable conversation (all {corpus.description['num_source_examples']} "
+                           "rows are bad, see above); fix the rows or point --data elsewhere")
+    return False

@@ -7,6 +7,7 @@ from pathlib import Path
 from .. import __version__
 from ..cache import schema as S
 from ..cache.shards import complete_shards
+from . import chat_spans
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -47,6 +48,9 @@ def build_manifest(opts, teacher, corpus, *, task, k, dtype, max_length, packing
         "shards": [],
         "totals": {"rows": 0, "positions": 0, "bytes": 0},
         "dump": {},
+        # Chat corpora only: layout, --targets-on and the template's hash (identity), and the counts.
+        **({"chat": chat_spans.manifest_record(corpus.chat), "chat_summary": corpus.chat.get("summary")}
+           if getattr(corpus, "chat", None) else {}),
     }
 
 

@@ -18,6 +18,8 @@ from ..errors import KdcacheError
 from .corpus import LABEL, SOURCE_INDEX, TEXT, TEXT_PAIR
 
 INPUT_IDS, TOKEN_TYPE_IDS, LENGTH, LABEL_ID = "input_ids", "token_type_ids", "length", "label_id"
+# Chat corpora (kdcache.dump.chat_spans): the positions whose next token is an assistant token.
+TARGET_POSITIONS = "target_positions"
 # BERT's recipe: of the selected positions, 80% become [MASK], 10% a random token, 10% stay.
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1
 
@@ -164,7 +166,7 @@ class RowPlan:
         if not rows_:
             return []
         v0, v1 = rows_[0] // self.copies, (rows_[-1] // self.copies) + 1
-        views = []  # (example id base, ids, next-token labels or None, token types or None, class label)
+        views = []  # (example id base, ids, next-token labels or None, token types or None, class label, chat target positions or None)
         if self.packing:
             L = self.max_length
             stream = self._stream(v0 * L, min(v1 * L + 1, self.total_tokens))
@@ -173,7 +175,7 @@ class RowPlan:
                 ids = ids[:self.view_length(v)]
                 nxt = stream[(v - v0) * L + 1:(v - v0) * L + 1 + len(ids)]
                 nxt = np.concatenate([nxt, np.full(len(ids) - len(nxt), -1, dtype=np.int64)])
-                views.append((v, ids, nxt, None, None))
+                views.append((v, ids, nxt, None, None, None))
         else:
             batch = self.ds[v0:v1]
             for j, v in enumerate(range(v0, v1)):
@@ -181,14 +183,17 @@ class RowPlan:
                 nxt = np.concatenate([ids[1:], [-1]])
                 tt = np.asarray(batch[TOKEN_TYPE_IDS][j], dtype=np.int64) if TOKEN_TYPE_IDS in batch else None
                 label = batch[LABEL_ID][j] if LABEL_ID in batch else UNKNOWN_LABEL
-                views.append((int(batch[SOURCE_INDEX][j]), ids, nxt, tt, label))
+                chosen = np.asarray(batch[TARGET_POSITIONS][j], dtype=np.int64) if TARGET_POSITIONS in batch else None
+                views.append((int(batch[SOURCE_INDEX][j]), ids, nxt, tt, label, chosen))
         out = []
         for r in rows_:
-            base, ids, nxt, tt, label = views[r // self.copies - v0]
+            base, ids, nxt, tt, label, chosen = views[r // self.copies - v0]
             example_id = base * self.copies + r % self.copies
             if self.task == "mlm":
                 masked, positions, labels = self.masking(ids, example_id)
                 out.append(Row(example_id, masked, positions, labels))
+            elif self.task == "clm" and chosen is not None:  # a conversation: its assistant targets only
+                out.append(Row(example_id, ids, chosen, nxt[chosen].astype(np.int32)))
             elif self.task == "clm":
                 out.append(Row(example_id, ids, np.arange(len(ids), dtype=np.int64), nxt.astype(np.int32)))
             else:

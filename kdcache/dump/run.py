@@ -21,6 +21,7 @@ from ..distributed import ProcessGroup
 from ..distributed import setup as setup_process_group
 from ..errors import KdcacheError
 from .batching import make_batches, padded_tokens
+from .chat_spans import tokenize_chat
 from .confirm import check_complete
 from .options import (  # noqa: F401 - DTYPES, DEFAULT_*, resolve_dtype: re-exported for benchmarks/
     DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS_PER_BATCH, DEFAULT_SAMPLES, DTYPES, DumpOptions, DumpResult,
@@ -64,8 +65,11 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
     # Rank 0 tokenizes first so the others reuse datasets' cache instead of racing to write it.
     if dist.rank != 0:
         dist.barrier()
-    tokenized = tokenize_corpus(corpus, teacher.tokenizer, task=task, max_length=max_length, packing=bool(packing),
-                                label2id=getattr(teacher.config, "label2id", None), num_labels=teacher.target_vocab_size)
+    if corpus.chat is not None:  # conversations: rendered with the chat template, assistant targets only
+        tokenized = tokenize_chat(corpus, teacher.tokenizer, max_length=max_length, strict=opts.strict, echo=echo)
+    else:
+        tokenized = tokenize_corpus(corpus, teacher.tokenizer, task=task, max_length=max_length, packing=bool(packing),
+                                    label2id=getattr(teacher.config, "label2id", None), num_labels=teacher.target_vocab_size)
     if dist.rank == 0:
         dist.barrier()
     masking = MaskingRecipe(teacher.tokenizer, teacher.vocab_size, opts.mlm_probability, opts.seed) if task == "mlm" else None

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..cache import schema as S
 from ..distributed import ProcessGroup
+from . import chat_spans
 from .options import DumpResult
 from .rows import RowPlan
 
@@ -32,7 +33,8 @@ def summarize(manifest: dict, run_info: dict, out: Path) -> str:
     return (f"Wrote {t['rows']:,} rows with {t['positions']:,} target positions ({S.describe_targets(manifest)}, {manifest['task']}) "
             f"in {manifest['num_shards']} shards to {out}: {human_bytes(t['bytes'])} on disk, {per_pos:.1f} bytes per position; "
             f"this run processed {run_info['real_tokens']:,} tokens in {run_info['seconds']:.1f} s "
-            f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}.")
+            f"({run_info['tokens_per_second'] or 0:,.0f} tokens/s, padding ratio {run_info['padding_ratio'] or 1:.3f}); cache {state}."
+            + (f"\n{chat}" if (chat := chat_spans.summary_line(manifest)) else ""))
 
 
 def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
@@ -62,6 +64,8 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
                f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {S.describe_targets(manifest)}"
                f"{'; every draw counted as a distinct id' if draws else ''}; zstd usually saves a little on log-probs, "
                "more on ids); the teacher was not run.")
+    if chat := chat_spans.summary_line(manifest):
+        summary += f"\n{chat}"
     echo(summary)
     return DumpResult(None, rows, positions, plan.num_shards, real_tokens=tokens, summary=summary,
                       extra={"estimated_bytes": estimate})
