@@ -58,7 +58,8 @@ def main():
         for metric in metrics:
             old = statistics.median(r[case][metric] for r in rounds["old"])
             new = statistics.median(r[case][metric] for r in rounds["new"])
-            print(f"| {case} | {metric} | {old:,.0f} | {new:,.0f} | {new / old:.2f} |")
+            fmt = (lambda v: f"{v:,.0f}") if max(abs(old), abs(new)) >= 100 else (lambda v: f"{v:.2f}")
+            print(f"| {case} | {metric} | {fmt(old)} | {fmt(new)} | {new / old:.2f} |")
 
 
 if __name__ == "__main__":
