@@ -6,8 +6,9 @@ Shakespeare as packed causal-LM rows, once per target kind (kept in --work, reus
   1. bytes/position by column, the shards' tables written with the writer options before issue 15 (PLAIN
      everywhere) and now (schema.column_encodings), from the Parquet footers (each column chunk's compressed
      size, summed over row groups and shards; "footer etc." is the rest of the file), and the CPU time of
-     encoding and decoding them (medians of 5);
-  2. the same shards' tables re-written with other Parquet settings (same rows, same row groups), per
+     encoding and decoding them (medians of 5), and stage two's stream over copies of the caches re-written
+     both ways (the shards' sha256 in the copies' sidecars is stale: nothing here checks it);
+  3. the same shards' tables re-written with other Parquet settings (same rows, same row groups), per
      column: byte-stream-split for float16 log-probs and integer ids, delta-binary-packed integers,
      dictionary pages, zstd levels; each column under its best setting, and the encode/decode CPU cost
      of the whole table under the chosen settings vs today's.
@@ -171,12 +172,41 @@ def cpu_cost(tables: list[pa.Table], options: dict, repeats: int = 5) -> tuple[f
     return statistics.median(enc), statistics.median(dec)
 
 
+def rewritten_copy(cache: Path, dest: Path, options: dict) -> Path:
+    """A copy of `cache` whose shards are re-written with `options` (column_encoding=None: the current
+    column_encodings), sidecars and manifest updated to the new sizes."""
+    import json
+    import shutil
+
+    from kdcache.cache.schema import column_encodings, shard_stats_name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(cache, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        table = pq.read_table(dest / entry["file"])
+        opts = dict(options, column_encoding=column_encodings(table.schema)) if "column_encoding" in options else options
+        (dest / entry["file"]).write_bytes(write(table, opts).getvalue())
+        entry["bytes"] = (dest / entry["file"]).stat().st_size
+        (dest / shard_stats_name(entry["index"])).write_text(json.dumps(entry))
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def stream_rate(cache: Path) -> float:
+    from kdcache.cache.stream import CacheStream
+    n, start = 0, time.process_time()
+    for batch in CacheStream(cache, batch_size=16, seed=0):
+        n += len(batch["labels"])
+    return n / (time.process_time() - start)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chars", type=int, default=60_000, help="characters of Tiny Shakespeare to dump")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "kdcache-column-costs"))
     ap.add_argument("--skip-variants", action="store_true")
+    ap.add_argument("--loader-rounds", type=int, default=5)
     args = ap.parse_args()
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -227,9 +257,25 @@ def main():
         cells = [f"{cpu[k, 'before'][i]:.2f} / {cpu[k, 'now'][i]:.2f}" for k in caches]
         print(f"| {what}: CPU-s per 1M positions, before / now | " + " | ".join(cells) + " |")
 
+    # 2. Stage two's stream over each cache, its shards re-written as before and now (same rows).
+    print(f"\nstage two's stream (CacheStream, one worker, batch 16): positions per CPU-second, medians of "
+          f"{args.loader_rounds} interleaved rounds\n")
+    print("| cache | before (PLAIN) | now | now / before |")
+    print("|---|---:|---:|---:|")
+    torch.set_num_threads(1)  # as in one DataLoader worker
+    for kind, cache in caches.items():
+        copies = {label: rewritten_copy(cache, work / "loader" / f"{cache.name}-{label}", options)
+                  for label, options in writers.items()}
+        rates = {label: [] for label in copies}
+        for _ in range(args.loader_rounds + 1):  # the first round warms up and is dropped
+            for label, copy in copies.items():
+                rates[label].append(stream_rate(copy))
+        before, now = (statistics.median(rates[label][1:]) for label in ("before", "now"))
+        print(f"| {kind} | {before:,.0f} | {now:,.0f} | {now / before:.2f} |", flush=True)
+
     if args.skip_variants:
         return
-    # 2. Each column under other Parquet settings (same tables).
+    # 3. Each column under other Parquet settings (same tables).
     for kind, cache in caches.items():
         table = per_column_variants(tables[kind], positions_of(cache))
         labels = sorted({label for v in table.values() for label in v}, key=lambda s: (s != "today (plain, zstd 3)", s))
