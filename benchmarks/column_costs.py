@@ -192,6 +192,23 @@ def rewritten_copy(cache: Path, dest: Path, options: dict) -> Path:
     return dest
 
 
+def torch_threads_one() -> None:
+    import torch
+    torch.set_num_threads(1)  # as in one DataLoader worker
+
+
+def compare_streams(cache: Path, work: Path, rounds: int) -> tuple[float, float]:
+    """Stage two's stream over copies of `cache` re-written before / now: medians of `rounds` interleaved
+    rounds in this process, after one warm-up round."""
+    writers = {"before": today_options(), "now": dict(today_options(), column_encoding=None)}
+    copies = {label: rewritten_copy(cache, work / f"{cache.parent.name}-{cache.name}-{label}", options) for label, options in writers.items()}
+    rates = {label: [] for label in copies}
+    for _ in range(rounds + 1):
+        for label, copy in copies.items():
+            rates[label].append(stream_rate(copy))
+    return statistics.median(rates["before"][1:]), statistics.median(rates["now"][1:])
+
+
 def stream_rate(cache: Path) -> float:
     from kdcache.cache.stream import CacheStream
     n, start = 0, time.process_time()
@@ -207,7 +224,17 @@ def main():
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "kdcache-column-costs"))
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--loader-rounds", type=int, default=5)
+    ap.add_argument("--stream-only", type=Path, nargs="+", default=None, metavar="CACHE",
+                    help="only the stream comparison, on these existing caches (e.g. the one dump_host_path.py leaves)")
     args = ap.parse_args()
+    if args.stream_only:
+        torch_threads_one()
+        print("| cache | before (PLAIN) | now | now / before |")
+        print("|---|---:|---:|---:|")
+        for cache in args.stream_only:
+            before, now = compare_streams(cache, Path(args.work) / "loader", args.loader_rounds)
+            print(f"| {cache} | {before:,.0f} | {now:,.0f} | {now / before:.2f} |", flush=True)
+        return
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     from train_common import command_line
@@ -262,15 +289,9 @@ def main():
           f"{args.loader_rounds} interleaved rounds\n")
     print("| cache | before (PLAIN) | now | now / before |")
     print("|---|---:|---:|---:|")
-    torch.set_num_threads(1)  # as in one DataLoader worker
+    torch_threads_one()
     for kind, cache in caches.items():
-        copies = {label: rewritten_copy(cache, work / "loader" / f"{cache.name}-{label}", options)
-                  for label, options in writers.items()}
-        rates = {label: [] for label in copies}
-        for _ in range(args.loader_rounds + 1):  # the first round warms up and is dropped
-            for label, copy in copies.items():
-                rates[label].append(stream_rate(copy))
-        before, now = (statistics.median(rates[label][1:]) for label in ("before", "now"))
+        before, now = compare_streams(cache, work / "loader", args.loader_rounds)
         print(f"| {kind} | {before:,.0f} | {now:,.0f} | {now / before:.2f} |", flush=True)
 
     if args.skip_variants:
