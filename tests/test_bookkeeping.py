@@ -90,3 +90,19 @@ def test_other_ranks_shards_are_found_by_listing_and_resumed_shards_are_kept(tmp
     (tmp_path / shard_stats_name(150)).unlink()
     keeper = ManifestKeeper(tmp_path, base_manifest(200), {}, world=2, clock=Clock())
     assert 150 not in {s["index"] for s in keeper.final()["shards"]} and not keeper.final()["complete"]
+
+
+def test_flush_records_the_shards_of_a_stopped_run_and_never_hides_its_error(tmp_path, monkeypatch):
+    keeper = ManifestKeeper(tmp_path, base_manifest(100), {}, clock=Clock())
+    for i in range(5):
+        keeper.add(fake_shard(tmp_path, i))
+    assert not manifest_path(tmp_path).exists()  # below every threshold
+    keeper.flush()
+    assert [s["index"] for s in recorded(tmp_path)["shards"]] == [0, 1, 2, 3, 4]
+    keeper.add(fake_shard(tmp_path, 5))
+
+    def disk_full(path, manifest):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bookkeeping, "write_cache_json", disk_full)
+    keeper.flush()  # best effort: the run's own error is the one to report
+    assert len(recorded(tmp_path)["shards"]) == 5

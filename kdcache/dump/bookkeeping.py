@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..cache.manifest import manifest_path, write_cache_json
+from ..errors import KdcacheError
 from .record import with_shards
 
 EVERY = 32        # at least this many new shards per rewrite ...
@@ -59,6 +60,17 @@ class ManifestKeeper:
         write_cache_json(manifest_path(self.out), manifest)
         self.pending, self.last = 0, self.clock()
         self.rewrites += 1
+
+    def flush(self) -> None:
+        """When the writer stops (a run stopped by an error too): record the shards this process completed
+        since the last rewrite. Best effort: if even the manifest cannot be written, the error that stopped
+        the run is the one reported, and the sidecars still say what is complete."""
+        with self.lock:
+            if self.pending:
+                try:
+                    self.write(self.current(listing=False))
+                except (KdcacheError, OSError):
+                    pass
 
     def final(self) -> dict:
         """The complete record of data/ (listed once when other ranks wrote shards); the caller adds the

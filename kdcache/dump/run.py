@@ -130,6 +130,8 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
         finally:
             if bar is not None:
                 bar.close()
+            if dist.rank == 0:
+                keeper.flush()  # a run stopped by an error still records the shards it completed
     seconds = time.perf_counter() - start
     dist.barrier()
 
