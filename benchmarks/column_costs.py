@@ -96,6 +96,17 @@ def today_options() -> dict:
                 write_page_checksum=True)
 
 
+LABELS = ("before", "now")
+
+
+def writer_options(label: str, table: pa.Table) -> dict:
+    """The writer before issue 15 ("before": PLAIN everywhere) or now (the cache's column_encodings)."""
+    from kdcache.cache.schema import column_encodings
+    if label == "before":
+        return today_options()
+    return dict(today_options(), column_encoding=column_encodings(table.schema))
+
+
 def leaf_type(field: pa.Field) -> pa.DataType:
     t = field.type
     while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
@@ -172,20 +183,19 @@ def cpu_cost(tables: list[pa.Table], options: dict, repeats: int = 5) -> tuple[f
     return statistics.median(enc), statistics.median(dec)
 
 
-def rewritten_copy(cache: Path, dest: Path, options: dict) -> Path:
-    """A copy of `cache` whose shards are re-written with `options` (column_encoding=None: the current
-    column_encodings), sidecars and manifest updated to the new sizes."""
+def rewritten_copy(cache: Path, dest: Path, label: str) -> Path:
+    """A copy of `cache` whose shards are re-written with writer_options(label), sidecars and manifest
+    updated to the new sizes."""
     import json
     import shutil
 
-    from kdcache.cache.schema import column_encodings, shard_stats_name
+    from kdcache.cache.schema import shard_stats_name
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(cache, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     for entry in manifest["shards"]:
         table = pq.read_table(dest / entry["file"])
-        opts = dict(options, column_encoding=column_encodings(table.schema)) if "column_encoding" in options else options
-        (dest / entry["file"]).write_bytes(write(table, opts).getvalue())
+        (dest / entry["file"]).write_bytes(write(table, writer_options(label, table)).getvalue())
         entry["bytes"] = (dest / entry["file"]).stat().st_size
         (dest / shard_stats_name(entry["index"])).write_text(json.dumps(entry))
     (dest / "manifest.json").write_text(json.dumps(manifest))
@@ -200,8 +210,8 @@ def torch_threads_one() -> None:
 def compare_streams(cache: Path, work: Path, rounds: int) -> tuple[float, float]:
     """Stage two's stream over copies of `cache` re-written before / now: medians of `rounds` interleaved
     rounds in this process, after one warm-up round."""
-    writers = {"before": today_options(), "now": dict(today_options(), column_encoding=None)}
-    copies = {label: rewritten_copy(cache, work / f"{cache.parent.name}-{cache.name}-{label}", options) for label, options in writers.items()}
+    copies = {label: rewritten_copy(cache, work / f"{cache.parent.name}-{cache.name}-{label}", label)
+              for label in LABELS}
     rates = {label: [] for label in copies}
     for _ in range(rounds + 1):
         for label, copy in copies.items():
@@ -244,17 +254,14 @@ def main():
     print(f"# {command_line()}")
 
     # 1. Bytes per position by column, the shards' tables re-written as before this change (PLAIN) and now.
-    from kdcache.cache.schema import column_encodings
     tables = {kind: [pq.read_table(p) for p in shard_files(cache)] for kind, cache in caches.items()}
-    writers = {"before": today_options(), "now": dict(today_options(), column_encoding=None)}
     costs, names, cpu = {}, [], {}
     for kind, kind_tables in tables.items():
         positions = positions_of(caches[kind])
-        for label, options in writers.items():
+        for label in LABELS:
             sizes, files = defaultdict(int), 0
             for table in kind_tables:
-                opts = dict(options, column_encoding=column_encodings(table.schema)) if label == "now" else options
-                s_, total = column_bytes(write(table, opts))
+                s_, total = column_bytes(write(table, writer_options(label, table)))
                 files += total
                 for name, size in s_.items():
                     sizes[name] += size
@@ -263,8 +270,7 @@ def main():
             sizes["footer etc."] = files - sum(sizes.values())
             sizes["total"] = files
             costs[kind, label] = {name: size / positions for name, size in sizes.items()}
-            opts = dict(options, column_encoding=column_encodings(kind_tables[0].schema)) if label == "now" else options
-            encode, decode = cpu_cost(kind_tables, opts)
+            encode, decode = cpu_cost(kind_tables, writer_options(label, kind_tables[0]))
             cpu[kind, label] = (encode / positions * 1e6, decode / positions * 1e6)
     names += ["footer etc.", "total"]
     print(f"\nBytes per position by column, before (PLAIN) / now (soft-target columns BYTE_STREAM_SPLIT); "
