@@ -56,9 +56,12 @@ def main():
     print("|---|---|---:|---:|---:|")
     for case, metrics in rounds["new"][0].items():
         for metric in metrics:
+            if not isinstance(metrics[metric], (int, float)):
+                continue  # nested details (train_loader.py's crc_cost): not a rate to compare
             old = statistics.median(r[case][metric] for r in rounds["old"])
             new = statistics.median(r[case][metric] for r in rounds["new"])
-            print(f"| {case} | {metric} | {old:,.0f} | {new:,.0f} | {new / old:.2f} |")
+            fmt = (lambda v: f"{v:,.0f}") if max(abs(old), abs(new)) >= 100 else (lambda v: f"{v:.2f}")
+            print(f"| {case} | {metric} | {fmt(old)} | {fmt(new)} | {new / old:.2f} |")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def main():
     ap.add_argument("--rows", type=int, default=512, help="CLM rows of --max-length tokens")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--shard-rows", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", "--repeats", type=int, default=3, dest="reps")
+    ap.add_argument("--json", type=Path, default=None, help="also write the medians here (compare_revisions.py)")
     ap.add_argument("--loader", action="store_true",
                     help="also time stage two's stream over each cache (positions per CPU-second, one worker)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "kdcache-host-path"))
@@ -194,12 +195,19 @@ def main():
     print("\n| target kind | dump host path, positions/s (wall, median) | positions per CPU-second (median) "
           "| ÷ top-64 (per CPU-second) | bytes/position | stream decode, positions per CPU-second (÷ top-64) |")
     print("|---|---|---|---|---|---|")
+    summary = {}
     for name, rows in results.items():
         wall = statistics.median(r[0] for r in rows)
         cpu = statistics.median(r[1] for r in rows)
         loader = statistics.median(r[3] for r in rows)
         print(f"| {name} | {wall:,.0f} | {cpu:,.0f} | {cpu / base_cpu:.2f} (wall {wall / base_wall:.2f}) | {rows[0][2]:.1f} "
               f"| {loader:,.0f} ({loader / base_loader:.2f}) |")
+        summary[name] = {"dump_per_cpu_second": cpu, "bytes_per_position": rows[0][2]}
+        if args.loader:
+            summary[name]["loader_per_cpu_second"] = loader
+    if args.json:
+        import json
+        args.json.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .manifest import resolve_inside, writing
 from .storage import ObjectPath, location, parquet_file
 from .schema import (
     DEFAULT_ROW_GROUP_ROWS, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, POSITIONS,
-    SHARD_DIR, SHARD_PATTERN, shard_name, shard_stats_name,
+    SHARD_DIR, SHARD_PATTERN, column_encodings, shard_name, shard_stats_name,
 )
 
 # Errors pyarrow raises for a damaged page: a failed page CRC, a zstd or thrift decode error,
@@ -38,7 +38,7 @@ def write_shard(cache_dir: Path | ObjectPath, index: int, table: pa.Table,
         size, sha256 = write_parquet(
             table, final, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
             row_group_size=row_group_rows, use_dictionary=False, write_statistics=False,
-            write_page_checksum=True,
+            write_page_checksum=True, column_encoding=column_encodings(table.schema),
         )
     positions = int(pa.compute.sum(pa.compute.list_value_length(table.column(POSITIONS))).as_py() or 0)
     stats = {
@@ -89,7 +89,7 @@ def complete_shards(cache_dir: Path, known: dict[int, dict] | None = None) -> di
     cache_dir = location(cache_dir)
     out = {}
     prefix, suffix = SHARD_PATTERN.split("{")[0], ".parquet"
-    for path in sorted((cache_dir / SHARD_DIR).glob(f"{prefix}*{suffix}")):
+    for path in (cache_dir / SHARD_DIR).glob(f"{prefix}*{suffix}"):  # by index below; sorting paths costs more
         try:
             index = int(path.name[len(prefix):-len(suffix)])
         except ValueError:

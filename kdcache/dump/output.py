@@ -84,9 +84,10 @@ def resolve_out(out) -> Path | ObjectPath:
     return where if isinstance(where, ObjectPath) else where.expanduser().absolute()
 
 
-def prepare_output(out: Path | ObjectPath, manifest: dict, teacher, overwrite: bool) -> dict:
+def prepare_output(out: Path | ObjectPath, manifest: dict, teacher, overwrite: bool, known: dict | None = None) -> dict:
     """Check --out, clear it if asked, and write the new cache's first files (rank 0 only).
-    Returns the `dump` record of earlier sessions of this same cache (empty when new)."""
+    Returns the `dump` record of earlier sessions of this same cache (empty when new); `known`
+    receives the complete shards found (the resume's one listing of data/)."""
     previous_run = {}
     clear = check_output_dir(out, manifest, overwrite)
     if not clear and manifest_path(out).is_file():
@@ -96,7 +97,7 @@ def prepare_output(out: Path | ObjectPath, manifest: dict, teacher, overwrite: b
         clear_cache(out)
     remove_partial_files(out)
     # Manifest first: a run killed right after still leaves a directory recognised as this cache.
-    write_cache_json(manifest_path(out), with_shards(manifest, out))
+    write_cache_json(manifest_path(out), with_shards(manifest, out, known))
     with writing("the tokenizer", out / S.TOKENIZER_DIR):
         save_tokenizer(teacher.tokenizer, out / S.TOKENIZER_DIR)
     with writing("the teacher config", out / S.TEACHER_CONFIG):

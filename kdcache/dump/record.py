@@ -54,9 +54,10 @@ def build_manifest(opts, teacher, corpus, *, task, k, dtype, max_length, packing
     }
 
 
-def with_shards(manifest: dict, out: Path, known: dict | None = None) -> dict:
-    """The manifest with the complete shards found in `out` (`known`: see complete_shards; updated)."""
-    found = complete_shards(out, known)
+def with_shards(manifest: dict, out: Path, known: dict | None = None, listing: bool = True) -> dict:
+    """The manifest with the complete shards found in `out` (`known`: see complete_shards; updated).
+    listing=False: only the `known` shards, without listing `out` (dump/bookkeeping.py)."""
+    found = complete_shards(out, known) if listing else dict(known or {})
     if known is not None:
         known.update(found)
     shards = [stats for _, stats in sorted(found.items()) if stats["index"] < manifest["num_shards"]]

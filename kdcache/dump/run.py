@@ -21,6 +21,7 @@ from ..distributed import ProcessGroup
 from ..distributed import setup as setup_process_group
 from ..errors import KdcacheError
 from .batching import make_batches, padded_tokens
+from .bookkeeping import ManifestKeeper
 from .chat_spans import tokenize_chat
 from .confirm import check_complete
 from .options import (  # noqa: F401 - DTYPES, DEFAULT_*, resolve_dtype: re-exported for benchmarks/
@@ -85,23 +86,26 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
 
     error = None
     previous_run = {}
+    done = {}  # rank 0 lists data/ once, in prepare_output; the other ranks once each, below
     if dist.rank == 0:
         try:
-            previous_run = prepare_output(out, manifest, teacher, opts.overwrite)
+            previous_run = prepare_output(out, manifest, teacher, opts.overwrite, done)
         except KdcacheError as e:
             error = str(e)
     dist.share_error(error)
 
-    done = complete_shards(out)
+    if dist.rank != 0:
+        done = complete_shards(out)
     mine = shards_for_rank(plan.num_shards, dist.rank, dist.world, done)
     if done and mine:
         echo(f"resuming: {len(done)} of {plan.num_shards} shards already complete")
 
-    known = dict(done)
+    # Rank 0 owns the manifest, rewritten at a cost per shard that stays flat (bookkeeping.py).
+    keeper = ManifestKeeper(out, manifest, done, world=dist.world)
 
     def on_written(stats):
-        if dist.rank == 0:  # rank 0 owns the manifest; other ranks' sidecars are picked up too
-            write_cache_json(manifest_path(out), with_shards(manifest, out, known))
+        if dist.rank == 0:
+            keeper.add(stats)
 
     runner = TeacherRunner(teacher, task, k, device, pad_id=teacher.tokenizer.pad_token_id or 0,
                            kind=targets["kind"], samples=targets["samples"], seed=opts.seed)
@@ -131,6 +135,8 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
         finally:
             if bar is not None:
                 bar.close()
+            if dist.rank == 0:
+                keeper.flush()  # a run stopped by an error still records the shards it completed
     seconds = time.perf_counter() - start
     dist.barrier()
 
@@ -138,7 +144,7 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
                 "device": str(device), "world_size": dist.world, "real_tokens": real, "padded_tokens": padded,
                 "padding_ratio": round(padded / real, 4) if real else None,
                 "batch_size": batch_size, "max_tokens_per_batch": max_tokens}
-    final = with_shards(manifest, out)
+    final = keeper.final() if dist.rank == 0 else with_shards(manifest, out)
     final["dump"] = accumulate_runs(previous_run, run_info)
     if dist.rank == 0:
         write_cache_json(manifest_path(out), final)
