@@ -4,7 +4,8 @@ disk and in moto's S3 server on 127.0.0.1: seconds per shard, old rule vs new si
 Old (before issue 15): after every shard, list data/, read the new sidecars and rewrite the whole manifest
 (record.with_shards + write_cache_json): the S-th shard costs O(S), a dump O(S^2).
 New (dump/bookkeeping.py): ManifestKeeper.add per shard, the manifest rewritten geometrically rarely,
-listing data/ only under torchrun; plus the final listing-free (one process) or listed (2 ranks) manifest.
+listing data/ only under torchrun; plus the final manifest, which lists data/ once and reads every sidecar back
+(the confirmation that the store kept what was written).
 
 Only the bookkeeping is timed. Each simulated shard's data object and sidecar (a few bytes) are created
 first, untimed: on disk directly, in the bucket straight into moto's in-process store (an HTTP PUT to moto

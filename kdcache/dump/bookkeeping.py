@@ -73,8 +73,10 @@ class ManifestKeeper:
                     pass
 
     def final(self) -> dict:
-        """The complete record of data/ (listed once when other ranks wrote shards); the caller adds the
-        session record and writes it."""
+        """The record of what data/ really holds, for the caller to complete and write: listed once and
+        every sidecar read back, not taken from memory, so a store that accepted an upload and did not
+        keep it leaves the cache incomplete (dump/confirm.py fails the run). One pass per session, O(1)
+        per shard."""
         with self.lock:
-            return self.current(listing=self.world > 1)
+            return with_shards(self.manifest, self.out)
 
