@@ -103,6 +103,11 @@ class TargetKind:
         """A few words for summaries: "top-64", "16 samples"."""
         raise NotImplementedError
 
+    def raw_bytes(self, k: int, samples: int, id_bytes: int, target_vocab_size: int) -> int:
+        """Bytes per position of its columns before compression (the dry run's estimate; for drawn
+        kinds an upper bound: every draw a distinct id)."""
+        raise NotImplementedError
+
     def fields(self, *, k: int, samples: int, target: pa.DataType) -> list[pa.Field]:
         """Its Arrow fields; target is the type of a target id."""
         raise NotImplementedError

@@ -117,6 +117,13 @@ class Sample(TargetKind):
     def describe(self, k: int, samples: int) -> str:
         return f"{samples} samples"
 
+    def raw_bytes(self, k: int, samples: int, id_bytes: int, target_vocab_size: int) -> int:
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
+        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
+        count_bytes = smallest_uint(samples).bit_width // 8
+        head = k * (id_bytes + 2) if self.head else 0
+        return head + min(samples, target_vocab_size - k) * (id_bytes + 2 + count_bytes) + count_bytes
+
     def fields(self, *, k: int, samples: int, target: pa.DataType) -> list[pa.Field]:
         return (topk.head_fields(k, target) if self.head else []) + draw_fields(samples, target)
 

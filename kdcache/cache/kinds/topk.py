@@ -82,6 +82,9 @@ class TopK(TargetKind):
     def describe(self, k: int, samples: int) -> str:
         return f"top-{k}"
 
+    def raw_bytes(self, k: int, samples: int, id_bytes: int, target_vocab_size: int) -> int:
+        return k * (id_bytes + 2)  # id + fp16 log-prob each
+
     def fields(self, *, k: int, samples: int, target: pa.DataType) -> list[pa.Field]:
         return head_fields(k, target)
 
