@@ -235,3 +235,23 @@ def test_every_builtin_kind_round_trips_from_host_arrays_to_loss_weights(name):
     for g, e in zip(got, want):
         assert g.keys() == e.keys()
         assert np.allclose([g[i] for i in e], [e[i] for i in e], rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_repeated_sampled_ids_are_found_as_a_per_position_scan_finds_them(wide):
+    from kdcache.cache.kinds.sample import _repeats_an_id
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        entries = rng.integers(0, 6, int(rng.integers(0, 40)))
+        if wide and len(entries):  # one very wide position: the padded layout would be mostly padding
+            entries[0] = 5000
+        ids = np.concatenate([rng.choice(VOCAB * 200, e, replace=False) for e in entries]).astype(np.uint16) \
+            if len(entries) else np.zeros(0, np.uint16)
+        if trial % 2 and ids.size > 1:  # plant a repeat inside one position
+            starts = np.cumsum(entries) - entries
+            j = int(rng.choice(np.flatnonzero(entries >= 2))) if (entries >= 2).any() else None
+            if j is not None:
+                ids[starts[j] + entries[j] - 1] = ids[starts[j]]
+        spans = np.split(ids, np.cumsum(entries)[:-1]) if len(entries) else []
+        want = any(len(set(s.tolist())) < len(s) for s in spans)
+        assert _repeats_an_id(entries.astype(np.int64), ids, VOCAB * 200) == want
