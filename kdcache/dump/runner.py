@@ -6,6 +6,7 @@ import torch
 
 from ..cache import schema as S
 from ..cache.kinds import kind_of
+from ..cache.kinds.sample import pack_draws
 from ..errors import KdcacheError
 from .targets import sampled_targets, topk_targets
 
@@ -99,10 +100,7 @@ class TeacherRunner:
         ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
         sampled = len(host) > 3
         if sampled:
-            s_ids, s_lp, s_counts = (t.numpy() for t in host[3])
-            present = s_counts > 0  # entries packed to the left, empty slots count 0
-            lengths = present.sum(1)
-            flat = (s_ids[present], s_lp[present], s_counts[present])
+            lengths, flat = pack_draws(*(t.numpy() for t in host[3]))
             entry_offsets = np.concatenate([[0], np.cumsum(lengths)])
         out, bad, start = [], [], 0
         for r, n in zip(rows, counts):

@@ -45,6 +45,13 @@ def encode_draws(results: list, n_pos: list[int], field) -> dict[str, pa.Array]:
     return columns
 
 
+def pack_draws(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """The teacher runner's padded (targets, samples) draws (entries packed to the left, empty slots
+    count 0) as (entries per target, (ids, log-probs, counts) flat over the targets' entries)."""
+    present = counts > 0
+    return present.sum(1), (ids[present], logprobs[present], counts[present])
+
+
 def check_draws(table: pa.Table, manifest, head_ids: np.ndarray | None, n_pos: np.ndarray,
                 empty_allowed: bool) -> str | None:
     """The sampled columns: each row's sample_lengths add up to its entries in all three, counts >= 1
