@@ -23,14 +23,17 @@ CLM, MLM, CLS = "clm", "mlm", "seq-cls"
 def write_cache(cache_dir: Path, rows: list[dict], *, task: str, k: int, vocab_size: int, max_length: int,
                 target_vocab_size: int | None = None, shard_rows: int = 64, row_group_rows: int = 16,
                 special_token_ids: dict | None = None, teacher: dict | None = None, tokenizer=None,
-                num_labels: int | None = None, id2label: dict | None = None) -> Path:
-    """Write `rows` (dicts with the contract's columns) as a complete cache."""
+                num_labels: int | None = None, id2label: dict | None = None, kind: str | None = None,
+                samples: int = 0) -> Path:
+    """Write `rows` (dicts with the contract's columns) as a complete cache; `kind` (with `samples`)
+    writes a format-v2 manifest's `targets` for that target kind, else a top-k cache."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target_vocab_size = target_vocab_size or vocab_size
     with_tt = "token_type_ids" in rows[0]
     schema = arrow_schema(k=k, vocab_size=vocab_size, max_length=max_length,
-                          target_vocab_size=target_vocab_size, with_token_type_ids=with_tt)
+                          target_vocab_size=target_vocab_size, with_token_type_ids=with_tt,
+                          kind=kind or "top-k", samples=samples)
     shards = []
     for index, start in enumerate(range(0, len(rows), shard_rows)):
         chunk = rows[start:start + shard_rows]
@@ -52,6 +55,8 @@ def write_cache(cache_dir: Path, rows: list[dict], *, task: str, k: int, vocab_s
                    "bytes": sum(s["bytes"] for s in shards)},
         "dump": {},
     }
+    if kind is not None:
+        manifest["targets"] = {"kind": kind, "k": k, "samples": samples}
     atomic_write_json(cache_dir / "manifest.json", manifest)
     return cache_dir
 

@@ -6,6 +6,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# Re-exported: the kinds' own columns and the integer types they share (kdcache/cache/kinds/).
+from .kinds import KINDS, id_type, kind_of, smallest_uint  # noqa: F401
+from .kinds.sample import (  # noqa: F401
+    NAME as SAMPLE, SAMPLE_COUNTS, SAMPLE_ENTRY_COLUMNS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS,
+)
+from .kinds.topk import NAME as TOP_K, TOPK_IDS, TOPK_LOGPROBS  # noqa: F401
+from .kinds.topk_sample import NAME as TOP_K_SAMPLE  # noqa: F401
+
 FORMAT_VERSION = 2
 # Versions every reader (train, evaluate, inspect, verify, sweep) loads. Version 1 is a top-k cache
 # without the manifest's `targets` key and the sampled columns; its shards are byte-compatible.
@@ -17,17 +25,7 @@ TASKS = ("mlm", "clm", "seq-cls")
 EXAMPLE_ID = "example_id"
 INPUT_IDS = "input_ids"
 POSITIONS = "positions"
-TOPK_IDS = "topk_ids"
-TOPK_LOGPROBS = "topk_logprobs"
-# Sampled soft targets (format v2, target kinds "sample" and "top-k+sample"): per position, the distinct
-# ids drawn, the teacher's log-prob at each and how many of the N draws hit it. Flat per row (all its
-# positions' entries in one list, position by position) with the entries per position in
-# `sample_lengths`: decodes 1.43x faster than nested lists (benchmarks/sample_layouts.py).
-SAMPLE_LENGTHS = "sample_lengths"
-SAMPLE_IDS = "sample_ids"
-SAMPLE_LOGPROBS = "sample_logprobs"
-SAMPLE_COUNTS = "sample_counts"
-SAMPLE_ENTRY_COLUMNS = (SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS)  # flat per row; the rest: one per position
+# (here the target kind's own columns: topk_ids ... sample_counts, defined in kdcache/cache/kinds/)
 LABELS = "labels"
 # Optional column: written only for sentence-pair classification (BERT segment ids).
 TOKEN_TYPE_IDS = "token_type_ids"
@@ -35,9 +33,9 @@ TOKEN_TYPE_IDS = "token_type_ids"
 # Columns of every cache, whatever its target kind (soft_target_columns adds the kind's own).
 REQUIRED_COLUMNS = (EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS)
 
-# Target kinds (manifest["targets"]["kind"]): which soft-target columns a cache has.
-TOP_K, SAMPLE, TOP_K_SAMPLE = "top-k", "sample", "top-k+sample"
-TARGET_KINDS = (TOP_K, SAMPLE, TOP_K_SAMPLE)
+# Target kinds (manifest["targets"]["kind"]): which soft-target columns a cache has, and everything
+# else kind-specific, live in kdcache/cache/kinds/ (one module per kind, one registry).
+TARGET_KINDS = tuple(KINDS)  # the built-in kinds, as `dump-logits --targets` offers them
 
 UNKNOWN_LABEL = -1
 
@@ -67,27 +65,14 @@ BYTE_STREAM_SPLIT_COLUMNS = (TOPK_IDS, TOPK_LOGPROBS, SAMPLE_LENGTHS, SAMPLE_IDS
 DEFAULT_ROW_GROUP_ROWS = 256
 
 
-def smallest_uint(max_value: int) -> pa.DataType:
-    """Smallest unsigned Arrow integer type holding 0..max_value."""
-    if max_value < 0:
-        raise ValueError(f"max_value must be >= 0, got {max_value}")
-    for bits, typ in ((8, pa.uint8()), (16, pa.uint16()), (32, pa.uint32())):
-        if max_value < 2**bits:
-            return typ
-    return pa.uint64()
-
-
-def id_type(vocab_size: int) -> pa.DataType:
-    """Type of token ids (input_ids) and of top-k ids: smallest that holds vocab_size - 1."""
-    return smallest_uint(max(vocab_size - 1, 0))
-
-
 def has_topk(kind: str) -> bool:
-    return kind in (TOP_K, TOP_K_SAMPLE)
+    """Whether a kind stores the teacher's exact top-k head (the topk_ids / topk_logprobs columns)."""
+    return kind_of(kind).head
 
 
 def has_samples(kind: str) -> bool:
-    return kind in (SAMPLE, TOP_K_SAMPLE)
+    """Whether a kind stores draws from the teacher's softmax (the sample_* columns)."""
+    return kind_of(kind).draws
 
 
 def targets_of(manifest: dict) -> dict:
@@ -101,16 +86,11 @@ def targets_of(manifest: dict) -> dict:
 def describe_targets(manifest: dict) -> str:
     """"top-64", "16 samples", "top-8 + 16 samples"."""
     targets = targets_of(manifest)
-    if targets["kind"] == TOP_K:
-        return f"top-{targets['k']}"
-    if targets["kind"] == SAMPLE:
-        return f"{targets['samples']} samples"
-    return f"top-{targets['k']} + {targets['samples']} samples"
+    return kind_of(targets["kind"]).describe(targets["k"], targets["samples"])
 
 
 def soft_target_columns(kind: str) -> tuple[str, ...]:
-    return ((TOPK_IDS, TOPK_LOGPROBS) if has_topk(kind) else ()) + \
-        ((SAMPLE_LENGTHS, SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS) if has_samples(kind) else ())
+    return kind_of(kind).columns
 
 
 def arrow_schema(
@@ -119,8 +99,8 @@ def arrow_schema(
 ) -> pa.Schema:
     """Schema of every shard of one cache.
 
-    kind/samples: the target kind and draws per position (sampled kinds); the top-k columns exist for
-    "top-k" and "top-k+sample" (k columns wide), the sample columns for "sample" and "top-k+sample".
+    kind/samples: the target kind and draws per position (sampled kinds); the kind's own fields
+    (kdcache/cache/kinds/) sit between positions and labels.
 
     vocab_size: the tokenizer's vocabulary (input_ids).
     target_vocab_size: the size of the teacher's output space (topk_ids): the vocabulary for
@@ -136,17 +116,7 @@ def arrow_schema(
         pa.field(INPUT_IDS, pa.list_(token), nullable=False),
         pa.field(POSITIONS, pa.list_(position), nullable=False),
     ]
-    if has_topk(kind):
-        fields += [pa.field(TOPK_IDS, pa.list_(pa.list_(target, k)), nullable=False),
-                   pa.field(TOPK_LOGPROBS, pa.list_(pa.list_(pa.float16(), k)), nullable=False)]
-    if has_samples(kind):
-        # Variable length per position (as many entries as distinct ids were drawn, 0..samples), so the
-        # entries are flat per row and sample_lengths (one per position) says which belong to which.
-        count = smallest_uint(samples)
-        fields += [pa.field(SAMPLE_LENGTHS, pa.list_(count), nullable=False),
-                   pa.field(SAMPLE_IDS, pa.list_(target), nullable=False),
-                   pa.field(SAMPLE_LOGPROBS, pa.list_(pa.float16()), nullable=False),
-                   pa.field(SAMPLE_COUNTS, pa.list_(count), nullable=False)]
+    fields += kind_of(kind).fields(k=k, samples=samples, target=target)
     fields.append(pa.field(LABELS, pa.list_(pa.int32()), nullable=False))
     if with_token_type_ids:
         fields.append(pa.field(TOKEN_TYPE_IDS, pa.list_(pa.uint8()), nullable=False))

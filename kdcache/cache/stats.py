@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from . import schema as S
+from .kinds import kind_of
 from .manifest import read_manifest_view, resolve_inside
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 from .storage import location
@@ -37,35 +38,24 @@ def cache_stats(cache_dir: Path) -> dict:
     probable id drawn)."""
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest_view(cache_dir)
-    kind, k = manifest.target_kind, manifest.k
-    columns = list(S.soft_target_columns(kind)) + [S.LABELS]
-    head_mass, stored_mass, entries, positions, labelled, correct = 0.0, 0.0, 0, 0, 0, 0
+    kind, k = kind_of(manifest.target_kind), manifest.k
+    columns = list(kind.columns) + [S.LABELS]
+    totals = {"head_mass": 0.0, "stored_mass": 0.0, "entries": 0}  # the kind adds its row groups' numbers
+    positions, labelled, correct = 0, 0, 0
     shards = manifest.shards
     paths = [resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file") for i, entry in enumerate(shards)]
     for entry, path in zip(shards, paths):
         for _, t in _row_groups(cache_dir, entry, path, columns):
             labels = _values(t, S.LABELS, 1)
             n = len(labels)
-            top1 = np.full(n, -1, np.int64)
-            if S.has_topk(kind):
-                lp = _values(t, S.TOPK_LOGPROBS, 2).astype(np.float64).reshape(-1, k)
-                ids = _values(t, S.TOPK_IDS, 2).reshape(-1, k)
-                mass = float(np.exp(lp).sum())
-                head_mass += mass
-                stored_mass += mass
-                entries += lp.size
-                top1 = ids[:, 0].astype(np.int64)
-            if S.has_samples(kind):
-                lengths = _values(t, S.SAMPLE_LENGTHS, 1).astype(np.int64)
-                stored_mass += float(np.exp(_values(t, S.SAMPLE_LOGPROBS, 1).astype(np.float64)).sum())
-                entries += int(lengths.sum())
-                if kind == S.SAMPLE and n:  # entries are stored most probable first; every position has one
-                    firsts = np.cumsum(lengths) - lengths
-                    top1 = _values(t, S.SAMPLE_IDS, 1)[firsts].astype(np.int64)
+            top1 = kind.stats(t, k, totals)
+            if top1 is None:  # the teacher's top-1 is not stored: it never counts as correct
+                top1 = np.full(n, -1, np.int64)
             positions += n
             known = labels >= 0
             labelled += int(known.sum())
             correct += int((top1[known] == labels[known]).sum())
+    head_mass, stored_mass, entries = totals["head_mass"], totals["stored_mass"], totals["entries"]
     totals = manifest.raw.get("totals", {})
     bytes_ = totals.get("bytes", 0)
     teacher = manifest.teacher
@@ -80,7 +70,7 @@ def cache_stats(cache_dir: Path) -> dict:
         "shards": f"{len(manifest.shards)}/{manifest.num_shards}",
         "rows": totals.get("rows", 0),
         "positions": positions,
-        "targets": kind,
+        "targets": kind.name,
         "k": k,
         "samples": manifest.samples or None,
         "target_vocab_size": manifest.target_vocab_size,
@@ -89,8 +79,8 @@ def cache_stats(cache_dir: Path) -> dict:
         "bytes": bytes_,
         "bytes_per_position": round(bytes_ / positions, 2) if positions else None,
         "mean_ids_per_position": round(entries / positions, 3) if positions else None,
-        "mean_topk_mass": mean(head_mass) if S.has_topk(kind) else None,
-        "mean_tail_mass": round(1 - head_mass / positions, 6) if positions and S.has_topk(kind) else None,
+        "mean_topk_mass": mean(head_mass) if kind.head else None,
+        "mean_tail_mass": round(1 - head_mass / positions, 6) if positions and kind.head else None,
         "mean_stored_mass": mean(stored_mass),
         "labelled_positions": labelled,
         "teacher_top1_accuracy": round(correct / labelled, 6) if labelled else None,

@@ -32,8 +32,9 @@ from .manifest import CacheManifest, read_manifest_view, resolve_inside
 from .partition import Geometry, Stage, group_order, window_order
 from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest, soft_target_columns,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest,
 )
+from .kinds import TargetKind, kind_of
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
 from .verify import check_rows
 
@@ -92,6 +93,11 @@ class OpenCache:
     @property
     def target_kind(self) -> str:
         return self.view.target_kind  # top-k, sample or top-k+sample
+
+    @property
+    def kind(self) -> TargetKind:
+        """The target kind's implementation (kdcache/cache/kinds/)."""
+        return kind_of(self.view.target_kind)
 
     @property
     def num_positions(self) -> int:
@@ -200,7 +206,7 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
-            cols += list(soft_target_columns(self.cache.view.target_kind))
+            cols += list(self.cache.kind.columns)
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)
         return cols
@@ -268,7 +274,7 @@ class CacheStream(IterableDataset):
                         if k + 1 < len(windows):
                             queued[k + 1] = ahead.submit(fetch, k + 1)
                         table = future.result()
-                    decoded = DecodedRows(table, soft_targets=self.soft_targets)
+                    decoded = DecodedRows(table, soft_targets=self.soft_targets, kind=self.cache.kind)
                     del table  # the decoded copy is all that is needed now; don't hold both
                     current = (window, decoded, window_order(w_hi - w_lo, self.seed, epoch, window, self.shuffle))
                 yield current[1], current[2][max(lo, w_lo) - w_lo:min(hi, w_hi) - w_lo]

@@ -37,6 +37,8 @@ BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare
               help="LM tasks: concatenate the corpus and cut max-length blocks (default), or truncate each example.")
 @click.option("--mlm-probability", type=float, default=0.15, show_default=True, help="MLM: fraction of tokens masked.")
 @click.option("--mask-copies", type=int, default=1, show_default=True, help="MLM: differently-masked views per sequence.")
+# The registry's built-in kinds (kdcache/cache/kinds/), written out so that `--help` loads no Arrow;
+# tests/test_kinds.py checks the two agree.
 @click.option("--targets", type=click.Choice(["top-k", "sample", "top-k+sample"]), default="top-k", show_default=True,
               help="Soft targets per position: the k most probable ids (biased: drops the tail); N draws from the "
                    "teacher's softmax stored as distinct ids with counts (unbiased); or the exact top-k plus N draws "
@@ -87,9 +89,11 @@ def _refuse_unused_target_flags(ctx: click.Context, targets: str) -> None:
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
 
-    if targets == "top-k" and given("samples"):
+    from ..cache.kinds import kind_of
+    kind = kind_of(targets)
+    if not kind.draws and given("samples"):
         raise KdcacheError("--samples sets the draws of --targets sample or top-k+sample; --targets top-k stores "
                            "no draws: drop --samples, or pass --targets top-k+sample (or sample)")
-    if targets == "sample" and given("top_k"):
+    if not kind.head and given("top_k"):
         raise KdcacheError("--top-k sets the exact head of --targets top-k or top-k+sample; --targets sample stores "
                            "draws only: drop --top-k, or pass --targets top-k+sample")

@@ -89,7 +89,8 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         raise KdcacheError(f"--targets {opts.targets!r} is not a target kind; use one of {', '.join(S.TARGET_KINDS)}")
     if opts.top_k < 1:
         raise KdcacheError(f"--top-k must be >= 1, got {opts.top_k}")
-    if S.has_samples(opts.targets) and not 1 <= opts.samples <= 65535:
+    kind = S.kind_of(opts.targets)
+    if kind.draws and not 1 <= opts.samples <= 65535:
         raise KdcacheError(f"--samples must be within 1..65535 for --targets {opts.targets}, got {opts.samples}")
     if opts.shard_rows < 1:
         raise KdcacheError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
@@ -118,8 +119,8 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         if opts.top_k > teacher.target_vocab_size:
             raise KdcacheError(f"--top-k {opts.top_k} exceeds the teacher's vocabulary of {teacher.target_vocab_size}; "
                                f"pass --top-k {teacher.target_vocab_size} or less")
-        k = 0 if opts.targets == S.SAMPLE else opts.top_k
-        if opts.targets == S.TOP_K_SAMPLE and k >= teacher.target_vocab_size:
+        k = opts.top_k if kind.head else 0
+        if kind.head and kind.draws and k >= teacher.target_vocab_size:
             raise KdcacheError(f"--targets top-k+sample with --top-k {k} leaves no tail of the teacher's "
                                f"{teacher.target_vocab_size} outputs to sample; pass a smaller --top-k or --targets top-k")
         packing = True if opts.packing is None else opts.packing

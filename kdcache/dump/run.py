@@ -76,7 +76,7 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
     masking = MaskingRecipe(teacher.tokenizer, teacher.vocab_size, opts.mlm_probability, opts.seed) if task == "mlm" else None
     plan = RowPlan(tokenized, task=task, max_length=max_length, packing=bool(packing), shard_rows=opts.shard_rows,
                    masking=masking, mask_copies=opts.mask_copies)
-    targets = {"kind": opts.targets, "k": k, "samples": opts.samples if S.has_samples(opts.targets) else 0}
+    targets = {"kind": opts.targets, "k": k, "samples": opts.samples if S.kind_of(opts.targets).draws else 0}
     manifest = build_manifest(opts, teacher, corpus, task=task, k=k, dtype=dtype, max_length=max_length,
                               packing=packing, num_shards=plan.num_shards, targets=targets)
     arrow_schema = S.schema_for_manifest(manifest)

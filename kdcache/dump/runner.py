@@ -5,6 +5,8 @@ import numpy as np
 import torch
 
 from ..cache import schema as S
+from ..cache.kinds import kind_of
+from ..cache.kinds.sample import pack_draws
 from ..errors import KdcacheError
 from .targets import sampled_targets, topk_targets
 
@@ -48,10 +50,11 @@ class TeacherRunner:
     def device_targets(self, logits, b, p, e) -> tuple:
         """(top-k ids, top-k log-probs, finite flags, [sampled ids, log-probs, counts] or None) for the
         targets at rows b, positions p (example ids e), computed on the teacher's device."""
-        if self.kind == S.TOP_K:
+        kind = kind_of(self.kind)  # which of the two device computations the kind stores
+        if not kind.draws:
             return (*topk_targets(logits, b, p, self.k), None)
         drawn = sampled_targets(logits, b, p, e, seed=self.seed, samples=self.samples,
-                                head=self.k if self.kind == S.TOP_K_SAMPLE else 0)
+                                head=self.k if kind.head else 0)
         # Counts fit 16 bits for any N the CLI allows below 2^15: half the bytes to copy to the host.
         counts = drawn["counts"].to(torch.int16) if self.samples < 2**15 else drawn["counts"]
         return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], drawn["logprobs"], counts]
@@ -97,10 +100,7 @@ class TeacherRunner:
         ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
         sampled = len(host) > 3
         if sampled:
-            s_ids, s_lp, s_counts = (t.numpy() for t in host[3])
-            present = s_counts > 0  # entries packed to the left, empty slots count 0
-            lengths = present.sum(1)
-            flat = (s_ids[present], s_lp[present], s_counts[present])
+            lengths, flat = pack_draws(*(t.numpy() for t in host[3]))
             entry_offsets = np.concatenate([[0], np.cumsum(lengths)])
         out, bad, start = [], [], 0
         for r, n in zip(rows, counts):

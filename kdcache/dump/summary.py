@@ -50,13 +50,9 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
     tok_bytes = arrow_schema.field(S.INPUT_IDS).type.value_type.bit_width // 8
     pos_bytes = arrow_schema.field(S.POSITIONS).type.value_type.bit_width // 8
     targets = S.targets_of(manifest)
-    k, draws = targets["k"], targets["samples"]
-    per_position = k * (id_bytes + 2) + pos_bytes + 4
-    if draws:
-        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
-        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
-        count_bytes = S.smallest_uint(draws).bit_width // 8
-        per_position += min(draws, manifest["target_vocab_size"] - k) * (id_bytes + 2 + count_bytes) + count_bytes
+    draws = targets["samples"]
+    per_position = S.kind_of(targets["kind"]).raw_bytes(targets["k"], draws, id_bytes, manifest["target_vocab_size"]) \
+        + pos_bytes + 4
     estimate = positions * per_position + tokens * tok_bytes + rows * 8
     bound = " at most" if draws else ""
     summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "

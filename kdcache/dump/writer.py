@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import schema as S
+from ..cache.kinds import kind_for_columns
 from ..cache.shards import write_shard
 from ..cache.storage import location
 
@@ -28,7 +29,8 @@ def _list(lengths, values: np.ndarray, list_type: pa.DataType) -> pa.Array:
 def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
     """results: (Row, topk_ids (n, k) int, topk_logprobs (n, k) float16[, samples]), in any order;
     samples (sampled kinds) = (entries per position (n,), ids, log-probs, counts), flat over the
-    row's entries. The top-k pair is None for the `sample` kind.
+    row's entries. The top-k pair is None for the `sample` kind. The target kind's columns are
+    encoded by the kind (`TargetKind.encode`).
 
     Rows are written in example_id order, so a shard's bytes never depend on batching.
     """
@@ -44,21 +46,9 @@ def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
         S.POSITIONS: _list(n_pos, cat([r.positions for r in rows], np.int64), field(S.POSITIONS).type),
         S.LABELS: _list(n_pos, cat([r.labels for r in rows], np.int32), field(S.LABELS).type),
     }
-    if S.TOPK_IDS in names:
-        topk_ids_type = field(S.TOPK_IDS).type
-        topk_lp_type = field(S.TOPK_LOGPROBS).type
-        ids_flat = pa.array(cat([r[1].reshape(-1) for r in results], np.int64), type=topk_ids_type.value_type.value_type)
-        lp_flat = pa.array(cat([r[2].reshape(-1) for r in results], np.float16), type=pa.float16())
-        columns[S.TOPK_IDS] = pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(ids_flat, k),
-                                                       type=topk_ids_type)
-        columns[S.TOPK_LOGPROBS] = pa.ListArray.from_arrays(_offsets(n_pos), pa.FixedSizeListArray.from_arrays(lp_flat, k),
-                                                            type=topk_lp_type)
-    if S.SAMPLE_IDS in names:
-        columns[S.SAMPLE_LENGTHS] = _list(n_pos, cat([r[3][0] for r in results], np.int64), field(S.SAMPLE_LENGTHS).type)
-        row_entries = [len(r[3][1]) for r in results]
-        for i, (name, dtype) in enumerate(((S.SAMPLE_IDS, np.int64), (S.SAMPLE_LOGPROBS, np.float16),
-                                          (S.SAMPLE_COUNTS, np.int64)), start=1):
-            columns[name] = _list(row_entries, cat([r[3][i] for r in results], dtype), field(name).type)
+    kind = kind_for_columns(names)  # the target kind encodes its own columns (kdcache/cache/kinds/)
+    if kind is not None:
+        columns.update(kind.encode(results, n_pos, field, k))
     if S.TOKEN_TYPE_IDS in names:
         columns[S.TOKEN_TYPE_IDS] = _list([len(r.input_ids) for r in rows], cat([r.token_type_ids for r in rows], np.int64),
                                           field(S.TOKEN_TYPE_IDS).type)

@@ -8,7 +8,7 @@ import click
 
 from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import read_manifest
-from ..cache.schema import TOP_K, describe_targets, targets_of
+from ..cache.schema import describe_targets, kind_of, targets_of
 from ..cache.storage import is_remote, location
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
@@ -180,7 +180,7 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
         "",
         "Modes: *cached KD* trained from the cache; *online KD* had the teacher in the loop (full softmax); "
         "*hard labels* used no teacher (alpha 0). KL is KL(teacher ‖ student) "
-        + ("over the teacher's stored top-k ids; " if targets_of(eval_manifest)["kind"] == TOP_K else
+        + ("over the teacher's stored top-k ids; " if not kind_of(targets_of(eval_manifest)["kind"]).draws else
            "over the whole vocabulary, estimated without bias from the held-out cache's sampled ids; ")
         + "train tokens/s is the student's training throughput (the teacher row: its dump throughput)."
         + ("" if teacher_metrics is not None else " The teacher row's KL and agreement are 0 and 1 by definition "

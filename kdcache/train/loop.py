@@ -22,7 +22,6 @@ import torch
 from ..cache.collate import move_batch
 from ..cache.files import atomic_write_bytes, atomic_write_json
 from ..cache.manifest import content_identity, enclosing_cache
-from ..cache.schema import TOP_K
 from ..cache.storage import describe
 from ..cache.stream import DEFAULT_SHUFFLE_BUFFER, open_cache
 from ..errors import KdcacheError
@@ -158,7 +157,7 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
     cache = open_cache(cfg.cache)  # checks every shard before anything is written
     task = cache.task
     kind = cache.view.target_kind
-    if cfg.tail == "bucket" and kind != TOP_K and cfg.alpha > 0 and not cfg.online_teacher:
+    if cfg.tail == "bucket" and cache.kind.draws and cfg.alpha > 0 and not cfg.online_teacher:
         raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
                            f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
     finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))

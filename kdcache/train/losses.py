@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..cache.kinds import kind_of
+from ..cache.schema import SAMPLE as _SAMPLE, TOP_K as _TOP_K
+
+TOPK, SAMPLE = kind_of(_TOP_K), kind_of(_SAMPLE)  # whose weights batches with and without draw counts use
+
 TAILS = ("renorm", "bucket")
 # Logit elements per chunk (targets x vocab): 16M fp32 = 64 MiB per chunk.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -82,27 +87,8 @@ def sparse_target_weights(logprobs: torch.Tensor, counts: torch.Tensor | None, h
       top-k+sample:  head w_i ∝ p_i^(1/T); drawn w_j ∝ (1 - Σ_head p) · count_j/N · p_j^(1/T - 1)
                      (T = 1: the head's exact p_i and tail mass × count_j / N)
     """
-    lp = logprobs.float() if logprobs.dtype != torch.float64 else logprobs
-    valid = lp > float("-inf")
-    if counts is None:
-        log_w = (lp / temperature).log_softmax(-1)
-        w = log_w.exp()
-        return w, torch.where(w > 0, log_w, torch.zeros_like(log_w))  # 0 · log 0 = 0
-    counts = counts.to(lp.dtype)
-    draws = counts.sum(-1, keepdim=True).clamp(min=1)
-    inv = 1.0 / temperature
-    if head > 0:
-        # fp16 rounding may push the head's mass a hair past 1: then the tail simply gets none.
-        tail = (1 - lp[:, :head].exp().sum(-1, keepdim=True)).clamp(min=0)
-    else:
-        tail = torch.ones_like(draws)
-    drawn = tail.log() + (counts / draws).log() + lp * (inv - 1)
-    is_head = torch.arange(lp.shape[1], device=lp.device) < head
-    log_u = torch.where(is_head, lp * inv, drawn).masked_fill(~valid, float("-inf"))
-    log_z = log_u.logsumexp(-1, keepdim=True)  # = 0 at T = 1 (up to fp16 rounding of the head)
-    w = (log_u - log_z).exp()
-    log_p = torch.where(valid, lp * inv - log_z, torch.zeros_like(lp))
-    return w, log_p
+    # The formulas live with their kinds (kdcache/cache/kinds/): top-k renormalises, drawn kinds weigh by counts.
+    return (TOPK if counts is None else SAMPLE).weights(logprobs, counts, head, temperature)
 
 
 class _SparseTargetCE(torch.autograd.Function):

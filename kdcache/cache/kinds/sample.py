@@ -1,0 +1,232 @@
+"""Kind "sample" (format v2): per position the distinct ids drawn N times with replacement from the
+teacher's softmax (T = 1), the teacher's log-prob at each and how many draws hit it, most probable
+first. Flat per row (all its positions' entries in one list, position by position) with the entries
+per position in `sample_lengths`: decodes 1.43x faster than nested lists (benchmarks/sample_layouts.py).
+
+"top-k+sample" (kinds/topk_sample.py) is this kind with the exact top-k head of kinds/topk.py in
+front, its draws taken from the tail outside the head: `head = True` switches that on here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ...errors import KdcacheError
+from . import topk
+from .base import TargetKind, check_logprobs, concat, element_index, flat, list_array, ragged, smallest_uint
+
+NAME = "sample"
+SAMPLE_LENGTHS = "sample_lengths"
+SAMPLE_IDS = "sample_ids"
+SAMPLE_LOGPROBS = "sample_logprobs"
+SAMPLE_COUNTS = "sample_counts"
+SAMPLE_ENTRY_COLUMNS = (SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS)  # flat per row; the rest: one per position
+DRAW_COLUMNS = (SAMPLE_LENGTHS,) + SAMPLE_ENTRY_COLUMNS
+
+
+def draw_fields(samples: int, target: pa.DataType) -> list[pa.Field]:
+    # Variable length per position (as many entries as distinct ids were drawn, 0..samples), so the
+    # entries are flat per row and sample_lengths (one per position) says which belong to which.
+    count = smallest_uint(samples)
+    return [pa.field(SAMPLE_LENGTHS, pa.list_(count), nullable=False),
+            pa.field(SAMPLE_IDS, pa.list_(target), nullable=False),
+            pa.field(SAMPLE_LOGPROBS, pa.list_(pa.float16()), nullable=False),
+            pa.field(SAMPLE_COUNTS, pa.list_(count), nullable=False)]
+
+
+def encode_draws(results: list, n_pos: list[int], field) -> dict[str, pa.Array]:
+    """results[i][3]: the row's (entries per position, ids, log-probs, counts), flat over its entries."""
+    columns = {SAMPLE_LENGTHS: list_array(n_pos, concat([r[3][0] for r in results], np.int64), field(SAMPLE_LENGTHS).type)}
+    row_entries = [len(r[3][1]) for r in results]
+    for i, (name, dtype) in enumerate(((SAMPLE_IDS, np.int64), (SAMPLE_LOGPROBS, np.float16),
+                                      (SAMPLE_COUNTS, np.int64)), start=1):
+        columns[name] = list_array(row_entries, concat([r[3][i] for r in results], dtype), field(name).type)
+    return columns
+
+
+def pack_draws(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """The teacher runner's padded (targets, samples) draws (entries packed to the left, empty slots
+    count 0) as (entries per target, (ids, log-probs, counts) flat over the targets' entries)."""
+    present = counts > 0
+    return present.sum(1), (ids[present], logprobs[present], counts[present])
+
+
+def check_draws(table: pa.Table, manifest, head_ids: np.ndarray | None, n_pos: np.ndarray,
+                empty_allowed: bool) -> str | None:
+    """The sampled columns: each row's sample_lengths add up to its entries in all three, counts >= 1
+    summing to N per position, distinct ids per position (and none of the top-k head's), ids in range,
+    log-probs finite and <= 0. empty_allowed: a position may have no draws (top-k+sample: a teacher
+    with no probability outside the head has no tail to draw)."""
+    # Vectorised over the row group (cumulative sums, one sort of short rows): readers run this on every
+    # row group; see BENCHMARKS.md for its share of the loader's time.
+    entries = flat(table.column(SAMPLE_LENGTHS), 1).astype(np.int64)  # per position
+    ends = np.cumsum(entries)
+    at_rows = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(n_pos)])]
+    row_entries = np.diff(at_rows)
+    for name in SAMPLE_ENTRY_COLUMNS:
+        if not np.array_equal(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False), row_entries):
+            return f"{name} does not have sum(sample_lengths) entries in every row"
+    ids = flat(table.column(SAMPLE_IDS), 1)  # unsigned, as stored: widened only where needed
+    counts = flat(table.column(SAMPLE_COUNTS), 1)
+    if ids.size and int(ids.max()) >= manifest.target_vocab_size:
+        return f"sampled id {int(ids.max())} >= target_vocab_size {manifest.target_vocab_size}"
+    if counts.size and int(counts.min()) < 1:
+        return "a sampled id has draw count 0"
+    counted = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    sums = counted[ends] - counted[ends - entries]
+    ok = (sums == manifest.samples) | ((sums == 0) & empty_allowed)
+    if len(entries) and not np.all(ok):
+        bad = int(np.argmax(~ok))
+        return f"draw counts sum to {int(sums[bad])} at a position, not samples = {manifest.samples}"
+    if _repeats_an_id(entries, ids, manifest.target_vocab_size):
+        return "an id appears twice among one position's sampled ids"
+    if head_ids is not None and ids.size:
+        position = np.repeat(np.arange(len(entries)), entries)
+        if (head_ids[position] == ids[:, None]).any():
+            return "a sampled id repeats one of its position's top-k ids (the tail excludes the head)"
+    return check_logprobs(flat(table.column(SAMPLE_LOGPROBS), 1), "sampled")
+
+
+def _repeats_an_id(entries: np.ndarray, ids: np.ndarray, size: int) -> bool:
+    """Whether some position has an id twice among its entries (ids < size, checked before)."""
+    width = int(entries.max()) if len(entries) else 0
+    if width * len(entries) <= 4 * len(ids) + 4096:
+        # Dense enough: pad to (positions, widest) with -1 and sort each short row; a repeat is an equal
+        # neighbour. 2.3x faster than sorting one global key per entry (N = 16, 32k positions a group).
+        real = np.arange(width)[None, :] < entries[:, None]
+        padded = np.full(real.shape, -1, np.int32 if size < 2**31 else np.int64)
+        padded[real] = ids
+        padded.sort(axis=1)
+        return bool(((padded[:, 1:] == padded[:, :-1]) & (padded[:, 1:] >= 0)).any())
+    # A few very wide positions: position * size + id is one int64 key per (position, id) pair;
+    # a repeated pair is an equal neighbour once sorted.
+    position = np.repeat(np.arange(len(entries)), entries)
+    keys = np.sort(position * size + ids.astype(np.int64))
+    return bool(np.any(keys[1:] == keys[:-1]))
+
+
+class _Decoded:
+    def __init__(self, table: pa.Table, target_offsets: np.ndarray, head: bool):
+        self.head = topk.decode_head(table) if head else None
+        # Entries are flat per row; sample_lengths (one per target, numbered like the targets)
+        # gives each target's entries: target j owns entries entry_offsets[j]:entry_offsets[j + 1].
+        lengths, _ = ragged(table.column(SAMPLE_LENGTHS))
+        self.entry_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        self.ids, row_offsets = ragged(table.column(SAMPLE_IDS))
+        self.logprobs, row_offsets = ragged(table.column(SAMPLE_LOGPROBS))
+        self.counts, row_offsets = ragged(table.column(SAMPLE_COUNTS))
+        if not np.array_equal(self.entry_offsets[target_offsets], row_offsets):
+            raise KdcacheError("a row's sample_lengths do not add up to its sampled entries: the cache is "
+                               "damaged; run `kdcache verify` on it and re-dump the shard it names")
+
+    def take(self, targets: np.ndarray) -> dict:
+        parts = {}
+        if self.head is not None:
+            parts["topk_ids"] = self.head[0][targets].astype(np.int32)
+            parts["topk_logprobs"] = self.head[1][targets]
+        entries, parts["sample_lengths"] = element_index(self.entry_offsets, targets)
+        parts["sample_ids"] = self.ids[entries]
+        parts["sample_logprobs"] = self.logprobs[entries]
+        parts["sample_counts"] = self.counts[entries]
+        return parts
+
+
+class Sample(TargetKind):
+    name = NAME
+    head, draws = False, True
+    columns = DRAW_COLUMNS
+    per_position = (SAMPLE_LENGTHS,)
+
+    def describe(self, k: int, samples: int) -> str:
+        return f"{samples} samples"
+
+    def raw_bytes(self, k: int, samples: int, id_bytes: int, target_vocab_size: int) -> int:
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
+        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
+        count_bytes = smallest_uint(samples).bit_width // 8
+        head = k * (id_bytes + 2) if self.head else 0
+        return head + min(samples, target_vocab_size - k) * (id_bytes + 2 + count_bytes) + count_bytes
+
+    def fields(self, *, k: int, samples: int, target: pa.DataType) -> list[pa.Field]:
+        return (topk.head_fields(k, target) if self.head else []) + draw_fields(samples, target)
+
+    def encode(self, results: list, n_pos: list[int], field, k: int) -> dict[str, pa.Array]:
+        return {**(topk.encode_head(results, n_pos, field, k) if self.head else {}), **encode_draws(results, n_pos, field)}
+
+    def read_check(self, table: pa.Table, manifest, n_pos: np.ndarray | None = None) -> str | None:
+        problem, head_ids = topk.head_ids(table, manifest)
+        if problem or SAMPLE_IDS not in table.column_names:
+            return problem
+        return check_draws(table, manifest, head_ids, n_pos, empty_allowed=self.head)
+
+    def verify(self, table: pa.Table, manifest, n_pos: np.ndarray) -> str | None:
+        head_ids = None
+        if self.head:
+            problem, head_ids = topk.verify_head(table, manifest)
+            if problem:
+                return problem
+        return check_draws(table, manifest, head_ids, n_pos, empty_allowed=self.head)
+
+    def decode(self, table: pa.Table, target_offsets: np.ndarray) -> _Decoded:
+        return _Decoded(table, target_offsets, self.head)
+
+    def batch(self, parts: dict) -> dict:
+        import torch  # imported here: the schema (and so this module) loads without torch
+        """Head (top-k, if any) and drawn entries side by side in (N, head + widest draw) arrays:
+        topk_ids int32, topk_logprobs float16 (padding -inf, id 0), target_counts (draws per entry, 0
+        for head and padding) and target_head (how many leading columns are the exact head)."""
+        lengths = parts["sample_lengths"]
+        head = parts["topk_ids"].shape[1] if "topk_ids" in parts else 0
+        n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
+        real = np.arange(width)[None, :] < lengths[:, None]
+        ids = np.zeros((n, head + width), np.int32)
+        logprobs = np.full((n, head + width), -np.inf, np.float16)
+        count_dtype = np.int16 if parts["sample_counts"].dtype.itemsize == 1 else np.int32
+        counts = np.zeros((n, head + width), count_dtype)
+        if head:
+            ids[:, :head] = parts["topk_ids"]
+            logprobs[:, :head] = parts["topk_logprobs"]
+        ids[:, head:][real] = parts["sample_ids"]
+        logprobs[:, head:][real] = parts["sample_logprobs"]
+        counts[:, head:][real] = parts["sample_counts"]
+        return {"topk_ids": torch.from_numpy(ids), "topk_logprobs": torch.from_numpy(logprobs),
+                "target_counts": torch.from_numpy(counts), "target_head": head}
+
+    def weights(self, logprobs, counts, head: int, temperature: float):
+        """w_j ∝ count_j · p_j^(1/T - 1) (T = 1: count_j / N); with a head of exact top-k entries,
+        head w_i ∝ p_i^(1/T) and drawn w_j ∝ (1 - Σ_head p) · count_j/N · p_j^(1/T - 1).
+        log_p: the (estimated) teacher log-prob at T (0 on padding, where w = 0)."""
+        import torch
+        lp = logprobs.float() if logprobs.dtype != torch.float64 else logprobs
+        valid = lp > float("-inf")
+        counts = counts.to(lp.dtype)
+        draws = counts.sum(-1, keepdim=True).clamp(min=1)
+        inv = 1.0 / temperature
+        if head > 0:
+            # fp16 rounding may push the head's mass a hair past 1: then the tail simply gets none.
+            tail = (1 - lp[:, :head].exp().sum(-1, keepdim=True)).clamp(min=0)
+        else:
+            tail = torch.ones_like(draws)
+        drawn = tail.log() + (counts / draws).log() + lp * (inv - 1)
+        is_head = torch.arange(lp.shape[1], device=lp.device) < head
+        log_u = torch.where(is_head, lp * inv, drawn).masked_fill(~valid, float("-inf"))
+        log_z = log_u.logsumexp(-1, keepdim=True)  # = 0 at T = 1 (up to fp16 rounding of the head)
+        w = (log_u - log_z).exp()
+        log_p = torch.where(valid, lp * inv - log_z, torch.zeros_like(lp))
+        return w, log_p
+
+    def stats(self, table: pa.Table, k: int, totals: dict) -> np.ndarray | None:
+        top1 = None
+        if self.head:
+            mass, entries, top1 = topk.head_stats(table, k)
+            totals["head_mass"] += mass
+            totals["stored_mass"] += mass
+            totals["entries"] += entries
+        lengths = flat(table.column(SAMPLE_LENGTHS), 1).astype(np.int64)
+        totals["stored_mass"] += float(np.exp(flat(table.column(SAMPLE_LOGPROBS), 1).astype(np.float64)).sum())
+        totals["entries"] += int(lengths.sum())
+        if not self.head and len(lengths):  # entries are stored most probable first; every position has one
+            firsts = np.cumsum(lengths) - lengths
+            top1 = flat(table.column(SAMPLE_IDS), 1)[firsts].astype(np.int64)
+        return top1
