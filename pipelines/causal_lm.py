@@ -14,12 +14,11 @@ Every step resumes: re-running skips what is finished.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Pipeline, parse_args, shakespeare_split, show_report, teacher_shaped_config  # noqa: E402
+from common import Pipeline, parse_args, shakespeare_split, show_report, students_and_baselines  # noqa: E402
 from teachers import smollm2_teacher  # noqa: E402
 
 # Students are the teacher's own shape (hidden 576, its heads and vocabulary) with fewer layers, initialised
@@ -60,21 +59,7 @@ def main():
         p.dump_logits(out / "eval-cache", *dump, "--top-k", 64, "--data", heldout_txt)
 
     runs = out / "runs"
-    hidden = json.loads((Path(teacher) / "config.json").read_text())["hidden_size"]
-    students = {f"L{n}-H{hidden}": teacher_shaped_config(teacher, n, out / "students" / f"L{n}" / "config.json")
-                for n in size["students"]}
-    train = ["--epochs", size["epochs"], "--batch-size", size["batch"], "--lr", size["lr"], "--seed", 0,
-             "--save-every", 50, "--init-from-teacher"]
-    smallest, spec = next(iter(students.items()))
-    with p.step(f"stage two: sweep {len(students)} students from the cache"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", ",".join(f"{n}={c}" for n, c in students.items()),
-                  "--out", runs, *train)
-    with p.step(f"baseline: {smallest} on hard labels only (no teacher)"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", f"{smallest}-hard={spec}", "--out", runs,
-                  *train, "--alpha", 0)
-    with p.step(f"baseline: {smallest} with online KD (teacher in the loop, same steps)"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", f"{smallest}-online={spec}", "--out", runs,
-                  *train, "--online-teacher", teacher)
+    students_and_baselines(p, teacher, out / "cache", runs, size)
     with p.step("report: evaluate every student on the held-out cache"):
         p.kdcache("report", runs, "--eval-cache", out / "eval-cache")
     show_report(runs)

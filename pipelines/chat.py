@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, Pipeline, parse_args, show_report, teacher_shaped_config, write_lines  # noqa: E402
+from common import DATA, Pipeline, parse_args, show_report, students_and_baselines, write_lines  # noqa: E402
 from teachers import smollm2_teacher  # noqa: E402
 
 ROLEPLAY = DATA / "gpteacher_roleplay.json"           # 1,923 {instruction, input, response} rows, MIT
@@ -94,21 +94,7 @@ def main():
     p.kdcache("inspect", out / "cache")
 
     runs = out / "runs"
-    hidden = json.loads((Path(teacher) / "config.json").read_text())["hidden_size"]
-    students = {f"L{n}-H{hidden}": teacher_shaped_config(teacher, n, out / "students" / f"L{n}" / "config.json")
-                for n in size["students"]}
-    train_args = ["--epochs", size["epochs"], "--batch-size", size["batch"], "--lr", size["lr"], "--seed", 0,
-                  "--save-every", 50, "--init-from-teacher"]
-    smallest, spec = next(iter(students.items()))
-    with p.step(f"stage two: sweep {len(students)} students from the chat cache"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", ",".join(f"{n}={c}" for n, c in students.items()),
-                  "--out", runs, *train_args)
-    with p.step(f"baseline: {smallest} on hard labels only (the assistant tokens, no teacher)"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", f"{smallest}-hard={spec}", "--out", runs,
-                  *train_args, "--alpha", 0)
-    with p.step(f"baseline: {smallest} with online KD (teacher in the loop, same steps)"):
-        p.kdcache("sweep", "--cache", out / "cache", "--students", f"{smallest}-online={spec}", "--out", runs,
-                  *train_args, "--online-teacher", teacher)
+    students, smallest = students_and_baselines(p, teacher, out / "cache", runs, size, " (assistant tokens)")
     with p.step("report: evaluate every student on the held-out assistant tokens and show their answers side by side"):
         p.kdcache("report", runs, "--eval-cache", out / "eval-cache", "--answers", prompts)
     print_chat_results(runs, out / "cache", {"smallest, cached KD": smallest, "smallest, online KD": f"{smallest}-online",

@@ -115,5 +115,26 @@ def teacher_shaped_config(teacher: Path, layers: int, out: Path) -> Path:
     return out
 
 
+def students_and_baselines(p: Pipeline, teacher: Path, cache: Path, runs: Path, size: dict, what: str = "") -> tuple[dict, str]:
+    """Students of the teacher's shape with size["students"] layers, initialised from it, trained from `cache`
+    into `runs`; the smallest also on hard labels only and with online KD (teacher in the loop, same steps).
+    `what` names the targets in the step titles. Returns ({name: config}, the smallest's name)."""
+    hidden = json.loads((Path(teacher) / "config.json").read_text())["hidden_size"]
+    students = {f"L{n}-H{hidden}": teacher_shaped_config(teacher, n, cache.parent / "students" / f"L{n}" / "config.json")
+                for n in size["students"]}
+    train = ["--epochs", size["epochs"], "--batch-size", size["batch"], "--lr", size["lr"], "--seed", 0,
+             "--save-every", 50, "--init-from-teacher"]
+    smallest, spec = next(iter(students.items()))
+    with p.step(f"stage two: sweep {len(students)} students from the cache{what}"):
+        p.kdcache("sweep", "--cache", cache, "--students", ",".join(f"{n}={c}" for n, c in students.items()),
+                  "--out", runs, *train)
+    with p.step(f"baseline: {smallest} on hard labels only{what} (no teacher)"):
+        p.kdcache("sweep", "--cache", cache, "--students", f"{smallest}-hard={spec}", "--out", runs, *train, "--alpha", 0)
+    with p.step(f"baseline: {smallest} with online KD (teacher in the loop, same steps)"):
+        p.kdcache("sweep", "--cache", cache, "--students", f"{smallest}-online={spec}", "--out", runs,
+                  *train, "--online-teacher", teacher)
+    return students, smallest
+
+
 def show_report(runs: Path) -> None:
     print(f"\nreport: {runs / 'report.md'}  plot: {runs / 'report.png'}")
