@@ -299,6 +299,8 @@ def test_bucket_outputs_that_are_not_supported_are_refused_in_one_line(caches, s
     message = cli_error(["train-student", "--cache", caches["uri"], "--out", f"s3://{BUCKET}/caches/mlm/student",
                          *STUDENT])
     assert "inside the cache" in message
+    for holder in (f"s3://{BUCKET}/caches/", f"s3://{BUCKET}/caches?region=us-east-1"):  # however the prefix is written
+        assert "is inside --out" in cli_error(["train-student", "--cache", caches["uri"], "--out", holder, *STUDENT])
     message = cli_error(["train-student", "--cache", caches["local"], "--out", "s3://no-such-bucket/s", *STUDENT])
     assert "not writable" in message
     # evaluate on a run that has not finished says so.

@@ -127,7 +127,7 @@ def check_bucket_out(uri: str, cache) -> None:
     if inside is not None:
         raise KdcacheError(f"--out {uri} is inside the cache {inside}: the student's files would mix with the "
                            "cache's; choose an --out outside the cache")
-    if str(location(cache)).rstrip("/").startswith(uri.rstrip("/") + "/"):
+    if str(location(cache)).startswith(str(remote) + "/"):  # both as normalised URIs (no query, no trailing /)
         raise KdcacheError(f"--cache {cache} is inside --out {uri}: replacing the student would lose it; choose an "
                            "--out that does not hold the cache")
     from ..dump.output import check_writable
