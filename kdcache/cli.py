@@ -83,6 +83,7 @@ def main(argv=None):
         code = e.code
     except BaseException:  # a bug: its traceback, then the same hard exit
         import traceback
+        _close_progress_bars()  # as for a KdcacheError: the traceback starts on its own line
         traceback.print_exc()
         code = 1
     _exit(code)
