@@ -26,9 +26,9 @@ from ..cache.manifest import enclosing_cache
 from ..cache.storage import ObjectPath, location
 from ..errors import KdcacheError
 from . import checkpoint
+from .loop import METRICS, SUMMARY
 
 CHECKPOINTS = "checkpoints"
-SUMMARY, METRICS = "train_summary.json", "metrics.jsonl"  # as kdcache.train.loop names them
 MARKER = "meta.json"  # a checkpoint's marker, as locally (checkpoint.find_checkpoint)
 
 
