@@ -317,6 +317,12 @@ def test_a_failed_upload_is_one_line_and_the_bucket_keeps_its_last_complete_chec
     uri = f"s3://{BUCKET}/students/flaky"
     train = ["train-student", "--cache", caches["local"], "--out", uri, *STUDENT, "--save-every", 1]
     cli_ok([*train, "--stop-after-steps", 1])
+    # A download that fails (the resume's checkpoint) is one line as well.
+    monkeypatch.setattr(ObjectPath, "copy_to", lambda self, dest: (_ for _ in ()).throw(OSError("simulated: timeout")))
+    message = cli_error([*train, "--resume"])
+    assert f"cannot download the run's progress files and newest checkpoint from {uri} (simulated: timeout)" in message
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     real = ObjectPath.write_bytes
 
     def failing(self, data):
