@@ -8,6 +8,7 @@ import atexit
 import importlib
 import os
 import sys
+import threading
 
 import click
 
@@ -83,6 +84,7 @@ def main(argv=None):
         code = e.code
     except BaseException:  # a bug: its traceback, then the same hard exit
         import traceback
+        _close_progress_bars()  # as for a KdcacheError: the traceback starts on its own line
         traceback.print_exc()
         code = 1
     _exit(code)
@@ -111,9 +113,11 @@ def _exit(code) -> None:
     interpreter is being finalised, CPython ends that thread inside a C++ destructor and the process
     aborts ("terminate called without an active exception", exit 134, apache/arrow#34314) after the
     command printed its result: `verify` did, one run in four. So everything Python's exit would do
-    is done here while the interpreter is whole (atexit handlers: child processes, logging, torch;
-    then the streams are flushed) and the process ends with os._exit, which stops no thread halfway
-    through Python code.
+    is done here while the interpreter is whole, in its order (non-daemon threads joined, with
+    concurrent.futures' pools: a read-ahead still fetching from a bucket must end before pyarrow's
+    atexit finalises S3; then atexit handlers: child processes, logging, torch, S3; then the
+    streams are flushed) and the process ends with os._exit, which stops no thread halfway through
+    Python code.
     """
     if code is None:
         code = 0
@@ -121,6 +125,7 @@ def _exit(code) -> None:
         print(code, file=sys.stderr)
         code = 1
     try:
+        threading._shutdown()  # what Py_FinalizeEx runs before the atexit handlers
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

@@ -132,6 +132,9 @@ def test_bad_prompt_files_are_one_line_errors(chat_sweep, tmp_path):
         bad.write_text(content)
         assert message in cli_error(["report", runs, "--eval-cache", eval_cache, "--answers", bad])
     assert "does not exist" in cli_error(["report", runs, "--eval-cache", eval_cache, "--answers", tmp_path / "none.jsonl"])
+    (tmp_path / "latin1.jsonl").write_bytes('{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    assert "cannot read it as UTF-8" in cli_error(["report", runs, "--eval-cache", eval_cache, "--answers",
+                                                   tmp_path / "latin1.jsonl"])
     assert (runs / "report.md").read_text() == before  # nothing written
 
 

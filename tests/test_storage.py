@@ -299,6 +299,8 @@ def test_bucket_outputs_that_are_not_supported_are_refused_in_one_line(caches, s
     message = cli_error(["train-student", "--cache", caches["uri"], "--out", f"s3://{BUCKET}/caches/mlm/student",
                          *STUDENT])
     assert "inside the cache" in message
+    for holder in (f"s3://{BUCKET}/caches/", f"s3://{BUCKET}/caches?region=us-east-1"):  # however the prefix is written
+        assert "is inside --out" in cli_error(["train-student", "--cache", caches["uri"], "--out", holder, *STUDENT])
     message = cli_error(["train-student", "--cache", caches["local"], "--out", "s3://no-such-bucket/s", *STUDENT])
     assert "not writable" in message
     # evaluate on a run that has not finished says so.
@@ -315,6 +317,12 @@ def test_a_failed_upload_is_one_line_and_the_bucket_keeps_its_last_complete_chec
     uri = f"s3://{BUCKET}/students/flaky"
     train = ["train-student", "--cache", caches["local"], "--out", uri, *STUDENT, "--save-every", 1]
     cli_ok([*train, "--stop-after-steps", 1])
+    # A download that fails (the resume's checkpoint) is one line as well.
+    monkeypatch.setattr(ObjectPath, "copy_to", lambda self, dest: (_ for _ in ()).throw(OSError("simulated: timeout")))
+    message = cli_error([*train, "--resume"])
+    assert f"cannot download the run's progress files and newest checkpoint from {uri} (simulated: timeout)" in message
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     real = ObjectPath.write_bytes
 
     def failing(self, data):

@@ -74,3 +74,15 @@ def test_verify_exit_status_is_right_every_time(tmp_path):
         assert proc.wait(timeout=600) == 0, name
         codes[name] = Counter(json.loads(out.read_text()))
     assert codes == {"good": Counter({0: RUNS}), "bad": Counter({2: RUNS}), "inspect": Counter({0: 10})}, codes
+
+
+def test_work_left_in_a_thread_pool_finishes_before_the_exit(tmp_path):
+    """As at the interpreter's own exit, non-daemon threads (a pool's pending work: e.g. a bucket
+    read-ahead) are joined before the atexit handlers (pyarrow's S3 finalisation) and os._exit."""
+    done = tmp_path / "done"
+    code = (f"import sys, time, kdcache.cli\nfrom concurrent.futures import ThreadPoolExecutor\n"
+            f"ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), open({str(done)!r}, 'w').write('y')))\n"
+            "sys.argv = ['kdcache', '--version']\nkdcache.cli.main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=single_thread_env())
+    assert result.returncode == 0 and "version" in result.stdout, result.stderr
+    assert done.read_text() == "y"

@@ -8,11 +8,8 @@ import pyarrow as pa
 
 # Re-exported: the kinds' own columns and the integer types they share (kdcache/cache/kinds/).
 from .kinds import KINDS, id_type, kind_of, smallest_uint  # noqa: F401
-from .kinds.sample import (  # noqa: F401
-    NAME as SAMPLE, SAMPLE_COUNTS, SAMPLE_ENTRY_COLUMNS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS,
-)
+from .kinds.sample import NAME as SAMPLE, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS  # noqa: F401
 from .kinds.topk import NAME as TOP_K, TOPK_IDS, TOPK_LOGPROBS  # noqa: F401
-from .kinds.topk_sample import NAME as TOP_K_SAMPLE  # noqa: F401
 
 FORMAT_VERSION = 2
 # Versions every reader (train, evaluate, inspect, verify, sweep) loads. Version 1 is a top-k cache
@@ -63,16 +60,6 @@ PARQUET_COMPRESSION_LEVEL = 3
 BYTE_STREAM_SPLIT_COLUMNS = (TOPK_IDS, TOPK_LOGPROBS, SAMPLE_LENGTHS, SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS)
 # Rows per row group: the unit stage two shuffles and partitions; small enough to stream.
 DEFAULT_ROW_GROUP_ROWS = 256
-
-
-def has_topk(kind: str) -> bool:
-    """Whether a kind stores the teacher's exact top-k head (the topk_ids / topk_logprobs columns)."""
-    return kind_of(kind).head
-
-
-def has_samples(kind: str) -> bool:
-    """Whether a kind stores draws from the teacher's softmax (the sample_* columns)."""
-    return kind_of(kind).draws
 
 
 def targets_of(manifest: dict) -> dict:

@@ -172,7 +172,9 @@ class CacheStream(IterableDataset):
         self.grad_accum = grad_accum
         self.epoch, self.stage, self.batches_done = 0, self.first_stage(), 0
         self._files: dict[int, pq.ParquetFile] = {}
-        self._checked: set[int] = set()  # row groups that passed check_rows (kept across epochs)
+        # Row groups that passed check_rows: kept across epochs in-process; DataLoader workers start
+        # afresh each epoch, so there each group is checked once per epoch (BENCHMARKS.md).
+        self._checked: set[int] = set()
         self._last_group: tuple[int, pa.Table] | None = None
 
     # -- position ---------------------------------------------------------------------------

@@ -14,16 +14,9 @@ import pyarrow as pa
 
 from ..cache import schema as S
 from ..cache.kinds import kind_for_columns
+from ..cache.kinds.base import concat, list_array
 from ..cache.shards import write_shard
 from ..cache.storage import location
-
-
-def _offsets(lengths) -> pa.Array:
-    return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32), pa.int32())
-
-
-def _list(lengths, values: np.ndarray, list_type: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(_offsets(lengths), pa.array(values, type=list_type.value_type), type=list_type)
 
 
 def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
@@ -39,19 +32,19 @@ def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
     n_pos = [len(r.positions) for r in rows]
     field = arrow_schema.field
     names = arrow_schema.names
-    cat = lambda arrays, dtype: np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)  # noqa: E731
     columns = {
         S.EXAMPLE_ID: pa.array([r.example_id for r in rows], pa.int64()),
-        S.INPUT_IDS: _list([len(r.input_ids) for r in rows], cat([r.input_ids for r in rows], np.int64), field(S.INPUT_IDS).type),
-        S.POSITIONS: _list(n_pos, cat([r.positions for r in rows], np.int64), field(S.POSITIONS).type),
-        S.LABELS: _list(n_pos, cat([r.labels for r in rows], np.int32), field(S.LABELS).type),
+        S.INPUT_IDS: list_array([len(r.input_ids) for r in rows], concat([r.input_ids for r in rows], np.int64),
+                                field(S.INPUT_IDS).type),
+        S.POSITIONS: list_array(n_pos, concat([r.positions for r in rows], np.int64), field(S.POSITIONS).type),
+        S.LABELS: list_array(n_pos, concat([r.labels for r in rows], np.int32), field(S.LABELS).type),
     }
     kind = kind_for_columns(names)  # the target kind encodes its own columns (kdcache/cache/kinds/)
     if kind is not None:
         columns.update(kind.encode(results, n_pos, field, k))
     if S.TOKEN_TYPE_IDS in names:
-        columns[S.TOKEN_TYPE_IDS] = _list([len(r.input_ids) for r in rows], cat([r.token_type_ids for r in rows], np.int64),
-                                          field(S.TOKEN_TYPE_IDS).type)
+        columns[S.TOKEN_TYPE_IDS] = list_array([len(r.input_ids) for r in rows],
+                                               concat([r.token_type_ids for r in rows], np.int64), field(S.TOKEN_TYPE_IDS).type)
     return pa.Table.from_arrays([columns[name] for name in names], schema=arrow_schema)
 
 

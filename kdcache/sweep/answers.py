@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dump.chat import ROLES  # the roles a chat corpus may use: the same for prompts
 from ..errors import KdcacheError
 
 ANSWERS_JSON = "answers.json"
-ROLES = ("system", "user", "assistant", "tool")
 # End-of-turn markers of common chat templates: generation stops at these as well as at the
 # tokenizer's and the model's eos, since some tokenizers' eos is not the end of an assistant turn.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -27,8 +27,13 @@ def read_prompts(path: Path) -> list[list[dict]]:
     if not path.is_file():
         raise KdcacheError(f"--answers {path} does not exist; pass a .jsonl file with one "
                            '{"messages": [{"role": "user", "content": "..."}]} per line')
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KdcacheError(f"--answers {path}: cannot read it as UTF-8 text ({type(e).__name__}); pass a .jsonl file "
+                           "with one JSON object per line") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"--answers {path} line {number}"

@@ -26,9 +26,9 @@ from ..cache.manifest import enclosing_cache
 from ..cache.storage import ObjectPath, location
 from ..errors import KdcacheError
 from . import checkpoint
+from .loop import METRICS, SUMMARY
 
 CHECKPOINTS = "checkpoints"
-SUMMARY, METRICS = "train_summary.json", "metrics.jsonl"  # as kdcache.train.loop names them
 MARKER = "meta.json"  # a checkpoint's marker, as locally (checkpoint.find_checkpoint)
 
 
@@ -56,6 +56,17 @@ def _uploading(what: str, uri: str):
                            "fix the cause (endpoint, credentials, space) and re-run with --resume") from None
 
 
+@contextmanager
+def _downloading(what: str, uri: str):
+    """A download that fails is one line too (the staging folder is discarded; the bucket is unchanged)."""
+    try:
+        yield
+    except OSError as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise KdcacheError(f"cannot download {what} from {uri} ({reason}); check the endpoint, credentials and "
+                           "bucket, then re-run the same command") from None
+
+
 class BucketOut:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
@@ -65,13 +76,14 @@ class BucketOut:
     def fetch(self) -> dict | None:
         """Into staging: what the run's checks and --resume read (summary, metrics, newest complete
         checkpoint). Returns the bucket's summary."""
-        summary = _read_json(self.remote / SUMMARY)
-        for name in (SUMMARY, METRICS):
-            if (self.remote / name).is_file():
-                (self.staging / name).write_bytes((self.remote / name).read_bytes())
-        newest = latest_checkpoint(self.remote)
-        if newest is not None:
-            newest.copy_to(self.staging / checkpoint.CHECKPOINT)
+        with _downloading("the run's progress files and newest checkpoint", self.uri):
+            summary = _read_json(self.remote / SUMMARY)
+            for name in (SUMMARY, METRICS):
+                if (self.remote / name).is_file():
+                    (self.staging / name).write_bytes((self.remote / name).read_bytes())
+            newest = latest_checkpoint(self.remote)
+            if newest is not None:
+                newest.copy_to(self.staging / checkpoint.CHECKPOINT)
         return summary
 
     def _put(self, local: Path, name: str) -> None:
@@ -127,7 +139,7 @@ def check_bucket_out(uri: str, cache) -> None:
     if inside is not None:
         raise KdcacheError(f"--out {uri} is inside the cache {inside}: the student's files would mix with the "
                            "cache's; choose an --out outside the cache")
-    if str(location(cache)).rstrip("/").startswith(uri.rstrip("/") + "/"):
+    if str(location(cache)).startswith(str(remote) + "/"):  # both as normalised URIs (no query, no trailing /)
         raise KdcacheError(f"--cache {cache} is inside --out {uri}: replacing the student would lose it; choose an "
                            "--out that does not hold the cache")
     from ..dump.output import check_writable
@@ -169,4 +181,5 @@ def fetch_student(uri: str) -> Path:
                            f"{summary.get('total_steps')}); finish it with `kdcache train-student ... --out {uri} --resume`")
     if not (remote / "config.json").is_file():
         raise KdcacheError(f"--model {uri} holds no model (no config.json); point at a finished train-student --out")
-    return local_dir(remote)
+    with _downloading("the student", uri):
+        return local_dir(remote)

@@ -172,10 +172,10 @@ class Sample(TargetKind):
         return _Decoded(table, target_offsets, self.head)
 
     def batch(self, parts: dict) -> dict:
-        import torch  # imported here: the schema (and so this module) loads without torch
         """Head (top-k, if any) and drawn entries side by side in (N, head + widest draw) arrays:
         topk_ids int32, topk_logprobs float16 (padding -inf, id 0), target_counts (draws per entry, 0
         for head and padding) and target_head (how many leading columns are the exact head)."""
+        import torch  # imported here: the schema (and so this module) loads without torch
         lengths = parts["sample_lengths"]
         head = parts["topk_ids"].shape[1] if "topk_ids" in parts else 0
         n, width = len(lengths), int(lengths.max()) if len(lengths) else 0

@@ -24,9 +24,9 @@ def encode_head(results: list, n_pos: list[int], field, k: int) -> dict[str, pa.
     ids_type, lp_type = field(TOPK_IDS).type, field(TOPK_LOGPROBS).type
     ids = pa.array(concat([r[1].reshape(-1) for r in results], np.int64), type=ids_type.value_type.value_type)
     lps = pa.array(concat([r[2].reshape(-1) for r in results], np.float16), type=pa.float16())
-    return {TOPK_IDS: pa.ListArray.from_arrays(offsets_array(n_pos), pa.FixedSizeListArray.from_arrays(ids, k), type=ids_type),
-            TOPK_LOGPROBS: pa.ListArray.from_arrays(offsets_array(n_pos), pa.FixedSizeListArray.from_arrays(lps, k),
-                                                    type=lp_type)}
+    offsets = offsets_array(n_pos)  # the same for both columns: built once (pyarrow arrays are immutable)
+    return {TOPK_IDS: pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(ids, k), type=ids_type),
+            TOPK_LOGPROBS: pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(lps, k), type=lp_type)}
 
 
 def head_ids(table: pa.Table, manifest) -> tuple[str | None, np.ndarray | None]:
