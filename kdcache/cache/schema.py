@@ -51,13 +51,12 @@ SHARD_STATS_PATTERN = "_part-{index:05d}.stats.json"
 
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 3
-# Parquet encoding of the soft-target columns (the others stay PLAIN). Byte-stream-split stores the values'
-# first bytes together, then their second bytes, ..., which zstd compresses better and faster: on a real
+# Parquet encoding of the soft-target columns (every registered kind's `columns`; the others stay PLAIN).
+# Byte-stream-split stores the values' first bytes together, then their second bytes, ..., which zstd compresses better and faster: on a real
 # teacher's caches 11-15 % fewer bytes per position, encoding and decoding no slower
 # (benchmarks/column_costs.py, BENCHMARKS.md). The columns' types and values are unchanged; reading needs
 # Parquet's BYTE_STREAM_SPLIT for FIXED_LEN_BYTE_ARRAY and INT32 (format 2.11: pyarrow >= 16). Shards
 # written before are PLAIN and read as before.
-BYTE_STREAM_SPLIT_COLUMNS = (TOPK_IDS, TOPK_LOGPROBS, SAMPLE_LENGTHS, SAMPLE_IDS, SAMPLE_LOGPROBS, SAMPLE_COUNTS)
 # Rows per row group: the unit stage two shuffles and partitions; small enough to stream.
 DEFAULT_ROW_GROUP_ROWS = 256
 
@@ -121,9 +120,10 @@ def parquet_path(field: pa.Field) -> str:
 
 
 def column_encodings(schema: pa.Schema) -> dict[str, str]:
-    """The shard writer's `column_encoding` for a cache schema (see BYTE_STREAM_SPLIT_COLUMNS)."""
-    return {parquet_path(schema.field(name)): "BYTE_STREAM_SPLIT"
-            for name in BYTE_STREAM_SPLIT_COLUMNS if name in schema.names}
+    """The shard writer's `column_encoding` for a cache schema: byte-stream-split for the soft-target columns
+    (those some registered kind owns; see the comment at PARQUET_COMPRESSION)."""
+    soft_target_columns = {name for kind in KINDS.values() for name in kind.columns}
+    return {parquet_path(field): "BYTE_STREAM_SPLIT" for field in schema if field.name in soft_target_columns}
 
 
 def schema_for_manifest(manifest: dict) -> pa.Schema:
