@@ -52,11 +52,11 @@ SHARD_STATS_PATTERN = "_part-{index:05d}.stats.json"
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 3
 # Parquet encoding of the soft-target columns (every registered kind's `columns`; the others stay PLAIN).
-# Byte-stream-split stores the values' first bytes together, then their second bytes, ..., which zstd compresses better and faster: on a real
-# teacher's caches 11-15 % fewer bytes per position, encoding and decoding no slower
-# (benchmarks/column_costs.py, BENCHMARKS.md). The columns' types and values are unchanged; reading needs
-# Parquet's BYTE_STREAM_SPLIT for FIXED_LEN_BYTE_ARRAY and INT32 (format 2.11: pyarrow >= 16). Shards
-# written before are PLAIN and read as before.
+# Byte-stream-split stores the values' first bytes together, then their second bytes, ..., which zstd
+# compresses better and faster: on a real teacher's caches 11-15 % fewer bytes per position, encoding and
+# decoding no slower (benchmarks/column_costs.py, BENCHMARKS.md). The columns' types and values are unchanged;
+# reading needs Parquet's BYTE_STREAM_SPLIT for FIXED_LEN_BYTE_ARRAY and INT32 (format 2.11: pyarrow >= 16).
+# Shards written before are PLAIN and read as before.
 # Rows per row group: the unit stage two shuffles and partitions; small enough to stream.
 DEFAULT_ROW_GROUP_ROWS = 256
 
