@@ -278,6 +278,15 @@ def test_refusals(tmp_path, plain_teacher, chatml_teacher, conversations, shakes
     assert "chat.template_sha256" in error
 
 
+def test_messages_column_with_label_or_pair_column_is_refused(tmp_path, chatml_teacher, conversations):
+    # Refused before any output, instead of falling through to reading the conversations as plain text.
+    for option in ("--label-column", "--text-pair-column"):
+        error = cli_error(["dump-logits", "--no-progress", "--out", tmp_path / "e", "--teacher", chatml_teacher,
+                           "--data", conversations, "--messages-column", "messages", option, "label"])
+        assert f"--messages-column cannot be combined with {option}" in error
+        assert not (tmp_path / "e").exists()
+
+
 def test_inspect_verify_and_a_student_that_chats(tmp_path, chatml_teacher, conversations):
     out = tmp_path / "cache"
     dump(chatml_teacher, conversations, out, "--top-k", K)

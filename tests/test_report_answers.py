@@ -15,7 +15,7 @@ import torch
 from conftest import _byte_bpe
 from kdcache.errors import KdcacheError
 from kdcache.sweep import answers
-from stage2_helpers import cli_error, cli_ok
+from stage2_helpers import cli_error, cli_ok, run_cli
 from sweep_helpers import TRAIN, dump
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -136,6 +136,50 @@ def test_bad_prompt_files_are_one_line_errors(chat_sweep, tmp_path):
     assert "cannot read it as UTF-8" in cli_error(["report", runs, "--eval-cache", eval_cache, "--answers",
                                                    tmp_path / "latin1.jsonl"])
     assert (runs / "report.md").read_text() == before  # nothing written
+
+
+def test_a_prompt_beyond_a_models_position_limit_is_refused_before_any_evaluation(chat_sweep, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, teacher, runs, eval_cache, _, _ = chat_sweep
+    before = (runs / "report.md").read_text()
+    long = [{"role": "user", "content": "Speak the speech, I pray you, trippingly on the tongue. " * 30}]
+    prompts = tmp_path / "long.jsonl"  # the long prompt on line 3, after a fitting one and a blank line
+    prompts.write_text(json.dumps({"messages": PROMPTS[0]}) + "\n\n" + json.dumps({"messages": long}) + "\n")
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tokens = len(tok(tok.apply_chat_template(long, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"])
+    # The tightest limit among the teacher and the students, read here from their config.json files.
+    limits = {name: json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+              for name, folder in (("teacher", teacher), ("L2-H128", runs / "L2-H128"), ("hard", runs / "hard"))}
+    name = min(limits, key=limits.get)
+    assert tokens > limits[name] - MAX_NEW  # the prompt really is too long
+    code, out, err = run_cli(["report", runs, "--eval-cache", eval_cache, "--answers", prompts, "--max-new-tokens", MAX_NEW])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert (f"--answers {prompts} line 3: the prompt is {tokens} tokens, more than the {limits[name] - MAX_NEW} {name} "
+            f"can take ({limits[name]} positions minus --max-new-tokens {MAX_NEW})") in errors[0]
+    assert "[report] evaluating" not in out + err  # refused before the slow evaluations
+    assert (runs / "report.md").read_text() == before  # nothing written
+    # --max-new-tokens alone can leave no room at all.
+    assert "leaves no room for a prompt" in cli_error(["report", runs, "--eval-cache", eval_cache, "--answers", prompts,
+                                                       "--max-new-tokens", limits[name]])
+
+
+def test_a_loaded_models_own_limit_is_checked_too(chat_sweep, tmp_path):
+    # A .gguf teacher has no config.json to read beforehand: its loaded config is checked before generating.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, teacher, _, _, _, _ = chat_sweep
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    model.config.max_position_embeddings = 20
+    (tmp_path / "p.jsonl").write_text(json.dumps({"messages": PROMPTS[0]}) + "\n")
+    prompts = answers.read_prompts(tmp_path / "p.jsonl")
+    tokens = len(answers.render(tok, PROMPTS[0]))
+    assert tokens > 20 - MAX_NEW
+    with pytest.raises(KdcacheError, match=f"line 1: the prompt is {tokens} tokens, more than the {20 - MAX_NEW} gguf "):
+        answers.side_by_side(prompts, [answers.Answerer("gguf", "teacher", lambda: model)], tok, max_new_tokens=MAX_NEW)
 
 
 def test_a_tokenizer_without_chat_template_is_refused(tiny_llama_clm):

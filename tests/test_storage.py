@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -323,14 +324,14 @@ def test_a_failed_upload_is_one_line_and_the_bucket_keeps_its_last_complete_chec
     assert f"cannot download the run's progress files and newest checkpoint from {uri} (simulated: timeout)" in message
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
-    real = ObjectPath.write_bytes
+    real = ObjectPath.upload_file
 
-    def failing(self, data):
+    def failing(self, local):
         if "step-000000002" in self.path and self.name == "trainer.pt":
             raise OSError("simulated: connection reset")
-        real(self, data)
+        real(self, local)
 
-    monkeypatch.setattr(ObjectPath, "write_bytes", failing)
+    monkeypatch.setattr(ObjectPath, "upload_file", failing)
     message = cli_error([*train, "--resume"])
     assert f"cannot upload the checkpoint of step 2 to {uri} (simulated: connection reset)" in message, message
     assert "kdcache-student-" not in message  # the bucket is named, not the staging folder
@@ -339,3 +340,83 @@ def test_a_failed_upload_is_one_line_and_the_bucket_keeps_its_last_complete_chec
     # The half-uploaded step 2 has no marker: the resume continues from step 1 and finishes.
     cli_ok([*train, "--resume"])
     assert json.loads(location(uri + "/train_summary.json").read_text())["steps"] == 4
+
+
+class _SpyStream:
+    """A bucket stream that records the size of every read and write."""
+    def __init__(self, stream, sizes):
+        self.stream, self.sizes = stream, sizes
+
+    def read(self, nbytes=None):
+        data = self.stream.read(nbytes)
+        self.sizes.append(len(data))
+        return data
+
+    def write(self, data):
+        self.sizes.append(len(data))
+        return self.stream.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+class _SpyFilesystem:
+    """The bucket's filesystem, its streams spied on (pyarrow's own classes cannot be patched)."""
+    def __init__(self, filesystem, sizes):
+        self.filesystem, self.sizes = filesystem, sizes
+
+    def __getattr__(self, name):
+        return getattr(self.filesystem, name)
+
+    def open_input_stream(self, path):
+        return _SpyStream(self.filesystem.open_input_stream(path), self.sizes.setdefault(("down", path), []))
+
+    def open_output_stream(self, path):
+        return _SpyStream(self.filesystem.open_output_stream(path), self.sizes.setdefault(("up", path), []))
+
+
+def test_train_into_a_bucket_streams_files_in_chunks_both_ways(s3_server, tmp_path, monkeypatch):
+    """A student of several GB must not need that much RAM: no file is read whole, every piece
+    sent or received is at most a chunk, and the bytes round-trip exactly."""
+    from kdcache.cache import storage
+    from kdcache.train import bucket_out, checkpoint
+
+    monkeypatch.setattr(storage, "CHUNK", 4096)
+    whole = []
+    for cls in (pathlib.Path, ObjectPath):
+        real = cls.read_bytes
+        monkeypatch.setattr(cls, "read_bytes", lambda self, real=real: whole.append(str(self)) or real(self))
+    sizes = {}
+    uri = f"s3://{BUCKET}/students/streamed"
+
+    def spied(out):
+        out.remote = ObjectPath(_SpyFilesystem(out.remote.filesystem, sizes), out.remote.path, out.remote.scheme)
+        return out
+
+    weights = os.urandom(50_000)  # a dozen chunks
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes(weights)
+    (local / "meta.json").write_text(json.dumps({"step": 7}))
+    up = spied(bucket_out.BucketOut(uri))
+    up.upload_checkpoint(local)  # the checkpoint's files, then its marker
+    down = spied(bucket_out.BucketOut(uri))
+    down.fetch()  # what --resume downloads
+    (up.staging / "model.safetensors").write_bytes(weights)
+    (up.staging / "config.json").write_text("{}")
+    (up.staging / "train_summary.json").write_text(json.dumps({"done": True, "args": {}}))
+    up.upload_student()
+    student = bucket_out.fetch_student(uri)  # what evaluate --model s3://... downloads
+    read_whole = list(whole)
+    monkeypatch.undo()
+    got = down.staging / checkpoint.CHECKPOINT / "model.safetensors"
+    assert got.read_bytes() == weights and (student / "model.safetensors").read_bytes() == weights
+    big = {p: n for p, n in sizes.items() if p[1].endswith("model.safetensors")}
+    assert len(big) == 3, sizes.keys()  # checkpoint up, checkpoint down, student up
+    assert all(n and max(n) <= 4096 and sum(n) == len(weights) for n in big.values()), big
+    assert not [p for p in read_whole if p.endswith("model.safetensors")], read_whole
+    for out in (up, down):
+        shutil.rmtree(out.staging)

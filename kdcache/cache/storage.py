@@ -25,6 +25,13 @@ import pyarrow.parquet as pq
 from ..errors import KdcacheError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Files go to and from a bucket in pieces this big: a student of several GB never needs that much RAM.
+CHUNK = 8 << 20
+
+
+def _copy_stream(src, dst) -> None:
+    while chunk := src.read(CHUNK):
+        dst.write(chunk)
 
 
 def is_remote(location) -> bool:
@@ -135,6 +142,17 @@ class ObjectPath:
         with self.filesystem.open_output_stream(self.path) as f:
             f.write(data)
 
+    def upload_file(self, local: Path) -> None:
+        """Stream a local file into this object (it appears whole, once the upload completes)."""
+        with open(local, "rb") as src, self.filesystem.open_output_stream(self.path) as dst:
+            _copy_stream(src, dst)
+
+    def download_to(self, target: Path) -> Path:
+        """Stream this object into a local file."""
+        with self.filesystem.open_input_stream(self.path) as src, open(target, "wb") as dst:
+            _copy_stream(src, dst)
+        return target
+
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.filesystem.delete_file(self.path)
@@ -152,7 +170,7 @@ class ObjectPath:
     def upload_from(self, folder: Path) -> None:
         """Copy the local folder's files under this prefix."""
         for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-            (self / file.relative_to(folder).as_posix()).write_bytes(file.read_bytes())
+            (self / file.relative_to(folder).as_posix()).upload_file(file)
 
     def copy_to(self, dest: Path) -> Path:
         """Copy this folder's objects into the local folder `dest`."""
@@ -161,8 +179,7 @@ class ObjectPath:
             if info.type == pafs.FileType.File:
                 target = dest / posixpath.relpath(info.path, self.path)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with self.filesystem.open_input_stream(info.path) as src:
-                    target.write_bytes(src.read())
+                ObjectPath(self.filesystem, info.path, self.scheme).download_to(target)
         return dest
 
 
@@ -221,7 +238,7 @@ def local_file(path: Path | ObjectPath) -> Path:
         return path
     if str(path) not in _local_copies:
         copy = Path(tempfile.mkdtemp(prefix="kdcache-")) / path.name
-        copy.write_bytes(path.read_bytes())
+        path.download_to(copy)
         _local_copies[str(path)] = copy
     return _local_copies[str(path)]
 

@@ -100,6 +100,12 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         raise KdcacheError(f"--mlm-probability must be in (0, 1), got {opts.mlm_probability}")
     if opts.limit is not None and opts.limit < 1:
         raise KdcacheError(f"--limit must be >= 1, got {opts.limit}")
+    if opts.messages_column and (opts.label_column or opts.text_pair_column):
+        # A chat corpus has no labels or pairs: left unrefused, the corpus would be read as plain text.
+        option = "--label-column" if opts.label_column else "--text-pair-column"
+        raise KdcacheError(f"--messages-column cannot be combined with {option}: conversations are distilled from a "
+                           f"causal-LM teacher, which takes no labels or text pairs; drop {option}, or drop "
+                           "--messages-column for a classification corpus")
     # Explicit zeros are mistakes, not "use the default" (`or` below would swallow them).
     for option, value, least in (("--max-length", opts.max_length, 2), ("--batch-size", opts.batch_size, 1),
                                  ("--max-tokens-per-batch", opts.max_tokens_per_batch, 1)):

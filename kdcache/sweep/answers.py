@@ -21,7 +21,13 @@ ANSWERS_JSON = "answers.json"
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def read_prompts(path: Path) -> list[list[dict]]:
+class Prompts(list):
+    """read_prompts' conversations; `lines` holds each one's line number in the file, for errors."""
+    lines: list[int]
+    source: str
+
+
+def read_prompts(path: Path) -> Prompts:
     """PROMPTS.jsonl: one {"messages": [{role, content}, ...]} per line, ending before the reply wanted."""
     path = Path(path)
     if not path.is_file():
@@ -32,7 +38,8 @@ def read_prompts(path: Path) -> list[list[dict]]:
     except (OSError, UnicodeDecodeError) as e:
         raise KdcacheError(f"--answers {path}: cannot read it as UTF-8 text ({type(e).__name__}); pass a .jsonl file "
                            "with one JSON object per line") from None
-    prompts = []
+    prompts = Prompts()
+    prompts.lines, prompts.source = [], str(path)
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -51,6 +58,7 @@ def read_prompts(path: Path) -> list[list[dict]]:
         if messages[-1]["role"] == "assistant":
             raise KdcacheError(f"{where} ends with an assistant message; end the conversation at the turn to be answered")
         prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        prompts.lines.append(number)
     if not prompts:
         raise KdcacheError(f"--answers {path} holds no prompts; write one JSON object per line")
     return prompts
@@ -75,6 +83,43 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
         raise KdcacheError(f"the chat template cannot render an --answers prompt ({type(e).__name__}: "
                            f"{(str(e).splitlines() or [''])[0]}); check the prompt's roles against the template") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def position_limit(model_dir) -> int | None:
+    """The longest sequence a model folder's config.json allows (None: it states none, or there is no
+    readable config.json, as for a .gguf teacher; the loaded model's config is checked then)."""
+    from transformers import AutoConfig
+
+    from ..dump.teacher import max_positions
+
+    if not (Path(model_dir) / "config.json").is_file():
+        return None
+    try:
+        return max_positions(AutoConfig.from_pretrained(model_dir))
+    except Exception:  # noqa: BLE001 - unreadable here (e.g. remote code): checked again once loaded
+        return None
+
+
+def check_lengths(prompts: list[list[dict]], rendered: list[list[int]], limits: dict[str, int | None], *,
+                  max_new_tokens: int) -> None:
+    """Every prompt plus its reply must fit every model's position limit: past it `generate` fails
+    deep inside the model (or silently degrades), so refuse with the prompt's line and the numbers."""
+    known = {name: limit for name, limit in limits.items() if limit is not None}
+    if not known:
+        return
+    name = min(known, key=known.get)  # the tightest model decides
+    limit = known[name]
+    room = limit - max_new_tokens
+    if room < 1:
+        raise KdcacheError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {name}'s limit of {limit} "
+                           f"positions; pass --max-new-tokens {max(limit // 2, 1)} or less")
+    lines = getattr(prompts, "lines", None) or list(range(1, len(prompts) + 1))
+    where = f"--answers {getattr(prompts, 'source', 'PROMPTS.jsonl')}"
+    for line, ids in zip(lines, rendered):
+        if len(ids) > room:
+            raise KdcacheError(f"{where} line {line}: the prompt is {len(ids)} tokens, more than the {room} {name} can "
+                               f"take ({limit} positions minus --max-new-tokens {max_new_tokens}); shorten that prompt "
+                               "or lower --max-new-tokens")
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -137,6 +182,9 @@ def side_by_side(prompts: list[list[dict]], answerers: list[Answerer], tokenizer
             result["notes"].append(f"{answerer.name} gave no answers: {e}")
             result["models"] = [m for m in result["models"] if m["name"] != answerer.name]
             continue
+        # Again with the loaded model's own limit: a .gguf teacher has no config.json to check beforehand.
+        from ..dump.teacher import max_positions
+        check_lengths(prompts, rendered, {answerer.name: max_positions(model.config)}, max_new_tokens=max_new_tokens)
         stop = stop_ids(tokenizer, model)
         for entry, ids in zip(result["prompts"], rendered):
             reply, stopped = greedy_reply(model, ids, max_new_tokens=max_new_tokens, stop=stop, pad_id=pad_id)

@@ -12,7 +12,8 @@ from ..cache.schema import describe_targets, kind_of, targets_of
 from ..cache.storage import is_remote, location
 from ..errors import KdcacheError
 from .amortise import amortisation, cache_tokens
-from .answers import ANSWERS_JSON, Answerer, chat_tokenizer, echo_lines, read_prompts, side_by_side
+from .answers import (ANSWERS_JSON, Answerer, chat_tokenizer, check_lengths, echo_lines, position_limit,
+                      read_prompts, render, side_by_side)
 from .answers import markdown as answers_markdown
 from .collect import EVAL_RECORD, evaluate_dir, find_runs, train_cache
 from .flags import curve_flags, majority_rates, run_flags
@@ -121,6 +122,8 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
 
         prompts = read_prompts(answers_file)
         tokenizer = chat_tokenizer(open_cache(eval_cache).tokenizer_dir)
+        check_lengths(prompts, [render(tokenizer, m) for m in prompts],
+                      answer_limits(runs, eval_manifest, teacher_override), max_new_tokens=max_new_tokens)
 
     caches = Counter(str(c) for c in (train_cache(r) for r in runs if r.mode == "cached KD") if c)
     train_manifest = None
@@ -219,6 +222,17 @@ def report_cmd(runs_dir: Path, eval_cache: str, teacher_override: Path | None, t
         for line in echo_lines(answers):
             click.echo(line)
     click.echo(f"\nwrote {Path(runs_dir) / REPORT_MD} and {png}" + (f" and {Path(runs_dir) / ANSWERS_JSON}" if answers else ""))
+
+
+def answer_limits(runs, manifest: dict, override: Path | None) -> dict[str, int | None]:
+    """Each answering model's position limit from its config.json, read before any model is loaded."""
+    from ..train.students import teacher_source
+
+    limits = {}  # in the answerers' order: on a tie the first is named
+    folder, _ = teacher_source(manifest, override)
+    if folder is not None and Path(folder).is_dir():
+        limits["teacher"] = position_limit(folder)
+    return limits | {r.name: position_limit(r.path) for r in runs}
 
 
 def answerers(rows: list[dict], runs, teacher: dict, manifest: dict, override: Path | None) -> list[Answerer]:

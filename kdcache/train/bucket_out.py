@@ -80,19 +80,19 @@ class BucketOut:
             summary = _read_json(self.remote / SUMMARY)
             for name in (SUMMARY, METRICS):
                 if (self.remote / name).is_file():
-                    (self.staging / name).write_bytes((self.remote / name).read_bytes())
+                    (self.remote / name).download_to(self.staging / name)
             newest = latest_checkpoint(self.remote)
             if newest is not None:
                 newest.copy_to(self.staging / checkpoint.CHECKPOINT)
         return summary
 
     def _put(self, local: Path, name: str) -> None:
-        data = local.read_bytes()
-        if name == SUMMARY:  # the run was configured with the staging folder: record the bucket
-            summary = json.loads(data)
-            summary.setdefault("args", {})["out"] = self.uri
-            data = (json.dumps(summary, indent=2) + "\n").encode()
-        (self.remote / name).write_bytes(data)
+        if name != SUMMARY:  # streamed: model.safetensors may be several GB
+            (self.remote / name).upload_file(local)
+            return
+        summary = json.loads(local.read_text())  # the run was configured with the staging folder: record the bucket
+        summary.setdefault("args", {})["out"] = self.uri
+        (self.remote / name).write_bytes((json.dumps(summary, indent=2) + "\n").encode())
 
     def upload_progress(self) -> None:
         with _uploading("metrics.jsonl and train_summary.json", self.uri):
@@ -109,8 +109,8 @@ class BucketOut:
 
     def _upload_checkpoint(self, local: Path, dest: ObjectPath) -> None:
         for file in sorted(p for p in local.iterdir() if p.is_file() and p.name != MARKER):
-            (dest / file.name).write_bytes(file.read_bytes())
-        (dest / MARKER).write_bytes((local / MARKER).read_bytes())
+            (dest / file.name).upload_file(file)
+        (dest / MARKER).upload_file(local / MARKER)
         self.upload_progress()
         for other in (self.remote / CHECKPOINTS).iterdir():
             if other.name != dest.name:
