@@ -13,6 +13,7 @@ on disk (the tokenizer) are copied once per process by `local_dir`.
 from __future__ import annotations
 
 import fnmatch
+import os
 import posixpath
 import re
 import tempfile
@@ -246,3 +247,16 @@ def local_file(path: Path | ObjectPath) -> Path:
 def describe(where) -> str:
     """How a location is recorded in run summaries: a URI as given, a local path made absolute."""
     return str(where) if is_remote(where) else str(Path(where).resolve())
+
+
+def check_writable(out: Path | ObjectPath) -> None:
+    """--out (a folder or bucket prefix) exists and takes a file, or one line saying why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".kdcache-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+        raise KdcacheError(f"--out {out} is not writable ({reason}); choose a directory (or bucket prefix) you can "
+                           "write to; for a bucket check the credentials and AWS_ENDPOINT_URL") from None

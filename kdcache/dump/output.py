@@ -2,7 +2,6 @@
 out a new cache's manifest, tokenizer and teacher config (a local folder or a bucket prefix)."""
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from ..cache.manifest import (
     enclosing_cache, identity_differences, manifest_path, read_manifest, write_cache_json, writing,
 )
 from ..cache.shards import remove_partial_files
-from ..cache.storage import ObjectPath, location
+from ..cache.storage import ObjectPath, check_writable, location
 from ..errors import KdcacheError
 from .record import with_shards
 from .teacher import config_json
@@ -47,18 +46,6 @@ def check_output_dir(out: Path, new_identity: dict, overwrite: bool) -> bool:
         raise KdcacheError(f"--out {out} exists, is not empty and is not a kdcache cache; refusing to write into it; "
                            "choose a new or empty directory")
     return False
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".kdcache-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
-        raise KdcacheError(f"--out {out} is not writable ({reason}); choose a directory (or bucket prefix) you can "
-                           "write to; for a bucket check the credentials and AWS_ENDPOINT_URL") from None
 
 
 def clear_cache(out: Path) -> None:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..cache.manifest import enclosing_cache
-from ..cache.storage import ObjectPath, location
+from ..cache.storage import ObjectPath, check_writable, location
 from ..errors import KdcacheError
 from . import checkpoint
 from .loop import METRICS, SUMMARY
@@ -142,7 +142,6 @@ def check_bucket_out(uri: str, cache) -> None:
     if str(location(cache)).startswith(str(remote) + "/"):  # both as normalised URIs (no query, no trailing /)
         raise KdcacheError(f"--cache {cache} is inside --out {uri}: replacing the student would lose it; choose an "
                            "--out that does not hold the cache")
-    from ..dump.output import check_writable
     check_writable(remote)
 
 
