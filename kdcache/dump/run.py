@@ -29,7 +29,7 @@ from .options import (  # noqa: F401 - DTYPES, DEFAULT_*, resolve_dtype: re-expo
     resolve_device, resolve_dtype, validate,
 )
 from .output import prepare_output, resolve_out
-from .record import accumulate_runs, build_manifest, with_shards
+from .record import accumulate_runs, build_manifest
 from .rows import MaskingRecipe, RowPlan, tokenize_corpus
 from .runner import TeacherRunner, forward_shard
 from .summary import dry_run, make_bar, summarize
@@ -144,7 +144,7 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
                 "device": str(device), "world_size": dist.world, "real_tokens": real, "padded_tokens": padded,
                 "padding_ratio": round(padded / real, 4) if real else None,
                 "batch_size": batch_size, "max_tokens_per_batch": max_tokens}
-    final = keeper.final() if dist.rank == 0 else with_shards(manifest, out)
+    final = keeper.final()  # every rank: what data/ really holds, read back
     final["dump"] = accumulate_runs(previous_run, run_info)
     if dist.rank == 0:
         write_cache_json(manifest_path(out), final)
