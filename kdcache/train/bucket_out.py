@@ -46,25 +46,24 @@ def latest_checkpoint(remote: ObjectPath) -> ObjectPath | None:
 
 
 @contextmanager
+def _one_line(failure: str, advice: str):
+    """A transfer that fails is one line: what failed, why, and what to do (nothing half-done is kept)."""
+    try:
+        yield
+    except OSError as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise KdcacheError(f"{failure} ({reason}); {advice}") from None
+
+
 def _uploading(what: str, uri: str):
-    """An upload that fails is one line: what, where, and that the bucket keeps its last complete state."""
-    try:
-        yield
-    except OSError as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise KdcacheError(f"cannot upload {what} to {uri} ({reason}); the bucket keeps its last complete checkpoint: "
-                           "fix the cause (endpoint, credentials, space) and re-run with --resume") from None
+    return _one_line(f"cannot upload {what} to {uri}", "the bucket keeps its last complete checkpoint: fix the cause "
+                     "(endpoint, credentials, space) and re-run with --resume")
 
 
-@contextmanager
 def _downloading(what: str, uri: str):
-    """A download that fails is one line too (the staging folder is discarded; the bucket is unchanged)."""
-    try:
-        yield
-    except OSError as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise KdcacheError(f"cannot download {what} from {uri} ({reason}); check the endpoint, credentials and "
-                           "bucket, then re-run the same command") from None
+    """The staging folder is discarded; the bucket is unchanged."""
+    return _one_line(f"cannot download {what} from {uri}", "check the endpoint, credentials and bucket, then re-run "
+                     "the same command")
 
 
 class BucketOut:
