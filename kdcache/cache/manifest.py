@@ -128,6 +128,7 @@ class CacheManifest:
     num_labels: int | None
     id2label: dict = field(default_factory=dict)  # int -> label name (seq-cls)
     teacher: dict = field(default_factory=dict)   # the teacher's fingerprint (source, model_type, ...)
+    draw_logprobs: bool = True   # drawn entries carry the teacher's log-prob (false: --no-draw-logprobs, v3)
     complete: bool = False
     num_shards: int | None = None
     shards: tuple = ()           # shard entries, ordered by index
@@ -158,6 +159,7 @@ def view(manifest: dict | CacheManifest, where="the cache") -> CacheManifest:
             num_labels=int(manifest["num_labels"]) if manifest.get("num_labels") is not None else None,
             id2label={int(i): str(label) for i, label in (manifest.get("id2label") or {}).items()},
             teacher=dict(manifest.get("teacher") or {}),
+            draw_logprobs=targets["draw_logprobs"],
             complete=bool(manifest.get("complete", False)),
             num_shards=manifest.get("num_shards"),
             shards=tuple(sorted(manifest.get("shards") or [], key=lambda s: s["index"])),

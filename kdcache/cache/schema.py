@@ -11,10 +11,11 @@ from .kinds import KINDS, id_type, kind_of, smallest_uint  # noqa: F401
 from .kinds.sample import NAME as SAMPLE, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS  # noqa: F401
 from .kinds.topk import NAME as TOP_K, TOPK_IDS, TOPK_LOGPROBS  # noqa: F401
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # what a cache is written as unless it uses a v3 feature (format_version_for)
 # Versions every reader (train, evaluate, inspect, verify, sweep) loads. Version 1 is a top-k cache
 # without the manifest's `targets` key and the sampled columns; its shards are byte-compatible.
-READABLE_FORMAT_VERSIONS = (1, 2)
+# Version 3: a cache using a feature a v2 reader would misread (format_version_for).
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 TASKS = ("mlm", "clm", "seq-cls")
 
@@ -61,18 +62,29 @@ PARQUET_COMPRESSION_LEVEL = 3
 DEFAULT_ROW_GROUP_ROWS = 256
 
 
+def format_version_for(targets: dict) -> int:
+    """The format version of a cache whose manifest `targets` are these: 3 where they use a v3 feature
+    (a v2 reader would misread such a cache, so it must refuse it), else 2, so that every other cache
+    stays byte-identical to what v2 wrote. v3 features: "draw_logprobs": false (no sample_logprobs)."""
+    uses_v3 = targets.get("draw_logprobs", True) is False
+    return 3 if uses_v3 else FORMAT_VERSION
+
+
 def targets_of(manifest: dict) -> dict:
-    """{kind, k, samples} of a cache; a v1 manifest (no `targets`) is a top-k cache of width `k`."""
+    """{kind, k, samples, draw_logprobs} of a cache; a v1 manifest (no `targets`) is a top-k cache of
+    width `k`. draw_logprobs: whether drawn entries carry the teacher's log-prob (absent = true)."""
     targets = manifest.get("targets")
     if targets is None:
-        return {"kind": TOP_K, "k": int(manifest["k"]), "samples": 0}
-    return {"kind": targets["kind"], "k": int(targets["k"]), "samples": int(targets["samples"])}
+        return {"kind": TOP_K, "k": int(manifest["k"]), "samples": 0, "draw_logprobs": True}
+    return {"kind": targets["kind"], "k": int(targets["k"]), "samples": int(targets["samples"]),
+            "draw_logprobs": targets.get("draw_logprobs", True) is not False}
 
 
 def describe_targets(manifest: dict) -> str:
-    """"top-64", "16 samples", "top-8 + 16 samples"."""
+    """"top-64", "16 samples", "top-8 + 16 samples" (", counts only": no draw log-probs)."""
     targets = targets_of(manifest)
-    return kind_of(targets["kind"]).describe(targets["k"], targets["samples"])
+    return (kind_of(targets["kind"]).describe(targets["k"], targets["samples"])
+            + ("" if targets["draw_logprobs"] else ", counts only"))
 
 
 def soft_target_columns(kind: str) -> tuple[str, ...]:
@@ -82,11 +94,13 @@ def soft_target_columns(kind: str) -> tuple[str, ...]:
 def arrow_schema(
     *, k: int, vocab_size: int, max_length: int, target_vocab_size: int | None = None,
     with_token_type_ids: bool = False, kind: str = TOP_K, samples: int = 0, format_version: int = FORMAT_VERSION,
+    draw_logprobs: bool = True,
 ) -> pa.Schema:
     """Schema of every shard of one cache.
 
     kind/samples: the target kind and draws per position (sampled kinds); the kind's own fields
-    (kdcache/cache/kinds/) sit between positions and labels.
+    (kdcache/cache/kinds/) sit between positions and labels. draw_logprobs=False (format v3): without
+    the kind's `draw_logprob_columns`.
 
     vocab_size: the tokenizer's vocabulary (input_ids).
     target_vocab_size: the size of the teacher's output space (topk_ids): the vocabulary for
@@ -102,7 +116,8 @@ def arrow_schema(
         pa.field(INPUT_IDS, pa.list_(token), nullable=False),
         pa.field(POSITIONS, pa.list_(position), nullable=False),
     ]
-    fields += kind_of(kind).fields(k=k, samples=samples, target=target)
+    stored = kind_of(kind).stored_columns(draw_logprobs)
+    fields += [f for f in kind_of(kind).fields(k=k, samples=samples, target=target) if f.name in stored]
     fields.append(pa.field(LABELS, pa.list_(pa.int32()), nullable=False))
     if with_token_type_ids:
         fields.append(pa.field(TOKEN_TYPE_IDS, pa.list_(pa.uint8()), nullable=False))
@@ -130,7 +145,7 @@ def schema_for_manifest(manifest: dict) -> pa.Schema:
     """The schema a cache's shards must have, derived from its manifest."""
     targets = targets_of(manifest)
     return arrow_schema(
-        k=targets["k"], kind=targets["kind"], samples=targets["samples"],
+        k=targets["k"], kind=targets["kind"], samples=targets["samples"], draw_logprobs=targets["draw_logprobs"],
         format_version=manifest.get("format_version", FORMAT_VERSION),
         vocab_size=manifest["vocab_size"],
         max_length=manifest["max_length"],

@@ -34,12 +34,12 @@ def cache_stats(cache_dir: Path) -> dict:
 
     Per position: stored ids (top-k head + distinct drawn ids), teacher probability mass of the top-k
     head (`mean_topk_mass`) and outside it (`mean_tail_mass`), and mass of all stored ids together
-    (`mean_stored_mass`). The teacher's top-1 is its first stored id (for `sample` caches, the most
+    (`mean_stored_mass`; None for a cache without the draws' log-probs). The teacher's top-1 is its first stored id (for `sample` caches, the most
     probable id drawn)."""
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest_view(cache_dir)
     kind, k = kind_of(manifest.target_kind), manifest.k
-    columns = list(kind.columns) + [S.LABELS]
+    columns = list(kind.stored_columns(manifest.draw_logprobs)) + [S.LABELS]
     totals = {"head_mass": 0.0, "stored_mass": 0.0, "entries": 0}  # the kind adds its row groups' numbers
     positions, labelled, correct = 0, 0, 0
     shards = manifest.shards
@@ -81,7 +81,7 @@ def cache_stats(cache_dir: Path) -> dict:
         "mean_ids_per_position": round(entries / positions, 3) if positions else None,
         "mean_topk_mass": mean(head_mass) if kind.head else None,
         "mean_tail_mass": round(1 - head_mass / positions, 6) if positions and kind.head else None,
-        "mean_stored_mass": mean(stored_mass),
+        "mean_stored_mass": mean(stored_mass) if stored_mass == stored_mass else None,  # nan: drawn mass not stored
         "labelled_positions": labelled,
         "teacher_top1_accuracy": round(correct / labelled, 6) if labelled else None,
         **chat_stats(manifest.raw, positions, bytes_),

@@ -208,7 +208,7 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
-            cols += list(self.cache.kind.columns)
+            cols += list(self.cache.kind.stored_columns(self.cache.view.draw_logprobs))
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)
         return cols

@@ -41,6 +41,10 @@ def check_rows(table: pa.Table, manifest: CacheManifest) -> str | None:
 def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
     """The first column where a shard's schema departs from the one its manifest implies, in a few
     words (printing both schemas would take dozens of lines)."""
+    # An extra column first: it would otherwise show as the next column's position being off.
+    extra = [name for name in actual.names if name not in expected.names]
+    if extra:
+        return f"schema has column {extra[0]} that the manifest does not imply"
     for i, want in enumerate(expected):
         if want.name not in actual.names:
             return f"schema lacks column {want.name} ({want.type}) that the manifest implies"
@@ -51,9 +55,6 @@ def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
             return f"schema: column {want.name} is {'' if have.nullable else 'not '}nullable, unlike the manifest's"
         if actual.get_field_index(want.name) != i:
             return f"schema: column {want.name} is column {actual.get_field_index(want.name)}, the manifest's order has it at {i}"
-    extra = [name for name in actual.names if name not in expected.names]
-    if extra:
-        return f"schema has column {extra[0]} that the manifest does not imply"
     return "schema differs from the manifest's in its field metadata"
 
 

@@ -40,6 +40,7 @@ class DumpOptions:
     top_k: int = 64
     targets: str = S.TOP_K
     samples: int = DEFAULT_SAMPLES
+    draw_logprobs: bool = True  # False: drawn kinds store counts without log-probs (format v3)
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int | None = None
@@ -90,6 +91,9 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
     if opts.top_k < 1:
         raise KdcacheError(f"--top-k must be >= 1, got {opts.top_k}")
     kind = S.kind_of(opts.targets)
+    if not opts.draw_logprobs and not kind.draws:
+        raise KdcacheError(f"--no-draw-logprobs drops the log-probs of drawn ids; --targets {opts.targets} stores no "
+                           "draws: drop --no-draw-logprobs, or pass --targets sample or top-k+sample")
     if kind.draws and not 1 <= opts.samples <= 65535:
         raise KdcacheError(f"--samples must be within 1..65535 for --targets {opts.targets}, got {opts.samples}")
     if opts.shard_rows < 1:

@@ -21,7 +21,7 @@ def build_manifest(opts, teacher, corpus, *, task, k, dtype, max_length, packing
     if task == "seq-cls":
         id2label = {str(i): str(v) for i, v in sorted((int(i), v) for i, v in (getattr(config, "id2label", None) or {}).items())}
     return {
-        "format_version": S.FORMAT_VERSION,
+        "format_version": S.format_version_for(targets or {}),
         "kdcache_version": __version__,
         "task": task,
         "k": k,

@@ -16,13 +16,15 @@ class TeacherRunner:
 
     Right padding keeps default position ids correct for every architecture.
     kind/samples/seed: the target kind (top-k, sample, top-k+sample), draws per position and the
-    seed the draws are keyed by (with each target's example id and position).
+    seed the draws are keyed by (with each target's example id and position). draw_logprobs=False:
+    the draws' log-probs are not copied to the host (the cache stores counts only; the draws are the same).
     """
 
     def __init__(self, teacher, task: str, k: int, device: torch.device, pad_id: int, *,
-                 kind: str = S.TOP_K, samples: int = 0, seed: int = 0):
+                 kind: str = S.TOP_K, samples: int = 0, seed: int = 0, draw_logprobs: bool = True):
         self.model, self.task, self.k, self.device, self.pad_id = teacher.model, task, k, device, pad_id
         self.kind, self.samples, self.seed = kind, samples, seed
+        self.draw_logprobs = draw_logprobs
         self.pin = device.type == "cuda"
 
     def collate(self, rows) -> dict:
@@ -57,7 +59,8 @@ class TeacherRunner:
                                 head=self.k if kind.head else 0)
         # Counts fit 16 bits for any N the CLI allows below 2^15: half the bytes to copy to the host.
         counts = drawn["counts"].to(torch.int16) if self.samples < 2**15 else drawn["counts"]
-        return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], drawn["logprobs"], counts]
+        logprobs = drawn["logprobs"] if self.draw_logprobs else None
+        return drawn["head_ids"], drawn["head_logprobs"], drawn["finite"], [drawn["ids"], logprobs, counts]
 
     def launch(self, rows) -> tuple:
         """Queue the forward and top-k of one batch; on CUDA this returns before the GPU is done,
@@ -81,7 +84,7 @@ class TeacherRunner:
             del logits  # the full-vocabulary logits stay on the device and are freed here
             host = [t.to("cpu", non_blocking=self.pin) if t is not None else None for t in (ids, values, finite)]
             if sampled is not None:
-                host.append([t.to("cpu", non_blocking=self.pin) for t in sampled])
+                host.append([t.to("cpu", non_blocking=self.pin) if t is not None else None for t in sampled])
         event = None
         if self.pin:
             event = torch.cuda.Event()
@@ -100,7 +103,7 @@ class TeacherRunner:
         ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
         sampled = len(host) > 3
         if sampled:
-            lengths, flat = pack_draws(*(t.numpy() for t in host[3]))
+            lengths, flat = pack_draws(*(t.numpy() if t is not None else None for t in host[3]))
             entry_offsets = np.concatenate([[0], np.cumsum(lengths)])
         out, bad, start = [], [], 0
         for r, n in zip(rows, counts):
@@ -108,7 +111,7 @@ class TeacherRunner:
             result = (r, None if ids is None else ids[start:stop], None if values is None else values[start:stop])
             if sampled:
                 a, b = entry_offsets[start], entry_offsets[stop]
-                result += ((lengths[start:stop],) + tuple(f[a:b] for f in flat),)
+                result += ((lengths[start:stop],) + tuple(f[a:b] if f is not None else None for f in flat),)
             out.append(result)
             if not finite[start:stop].all():
                 bad.append(r.example_id)

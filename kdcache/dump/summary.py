@@ -51,8 +51,9 @@ def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
     pos_bytes = arrow_schema.field(S.POSITIONS).type.value_type.bit_width // 8
     targets = S.targets_of(manifest)
     draws = targets["samples"]
-    per_position = S.kind_of(targets["kind"]).raw_bytes(targets["k"], draws, id_bytes, manifest["target_vocab_size"]) \
-        + pos_bytes + 4
+    options = {} if targets["draw_logprobs"] else {"draw_logprobs": False}  # only drawn kinds take it
+    per_position = S.kind_of(targets["kind"]).raw_bytes(targets["k"], draws, id_bytes, manifest["target_vocab_size"],
+                                                        **options) + pos_bytes + 4
     estimate = positions * per_position + tokens * tok_bytes + rows * 8
     bound = " at most" if draws else ""
     summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "

@@ -16,6 +16,9 @@ Metrics (one dict; the keys of `kdcache evaluate --json`):
   teacher_accuracy, teacher_perplexity   the same for the teacher, from the cache alone
                   (perplexity only if every label is among the stored ids; accuracy uses the same
                   stand-in top-1 as top1_agreement)
+  A cache dumped with --no-draw-logprobs (counts only) has no teacher log-prob at its drawn ids: there
+  kl is None, and the teacher's figures use only the exact top-k head (`sample`: teacher_ece and
+  teacher_perplexity None; top-k+sample: teacher_perplexity None unless every label is in the head).
   token_scope     "assistant-token" for a chat cache whose targets are the assistant's tokens
                   (manifest "chat"), else None. Every metric above is over the cached positions only,
                   and the model sees each row whole, so on a chat cache they are assistant-token
@@ -65,6 +68,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     model = load_model(Path(model_dir), cache, dev)
     task = cache.task
     stream = CacheStream(cache, batch_size=batch_size, shuffle=False)
+    exact_logprobs = cache.view.draw_logprobs  # False: only the head's stored log-probs are the teacher's
     s = dict.fromkeys(("rows", "targets", "labelled", "kl", "agree", "correct", "ce", "t_correct", "t_ce",
                        "t_covered"), 0.0)
     s["calibration"], s["t_calibration"] = CalibrationBins(), CalibrationBins()
@@ -82,7 +86,8 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
             part = slice(start, start + chunk)
             counts = batch.get("target_counts")
             _accumulate(s, head(hidden[part]).float(), batch["topk_ids"][part], batch["topk_logprobs"][part],
-                        batch["labels"][part], None if counts is None else counts[part], batch.get("target_head", 0))
+                        batch["labels"][part], None if counts is None else counts[part], batch.get("target_head", 0),
+                        exact=None if exact_logprobs else batch.get("target_head", 0))
         s["rows"] += batch["num_rows"]
         bar.update(batch["num_rows"])
     bar.close()
@@ -92,7 +97,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         "task": task, "model": str(model_dir), "cache": str(cache_dir), "k": cache.k,
         "targets": cache.view.target_kind, "token_scope": token_scope(cache.view.raw),
         "rows": int(s["rows"]), "positions": int(n), "labelled_positions": int(labelled),
-        "kl": s["kl"] / n if n else None,
+        "kl": s["kl"] / n if n and exact_logprobs else None,
         "top1_agreement": s["agree"] / n if n else None,
         "accuracy": s["correct"] / labelled if labelled else None,
         "perplexity": _perplexity(s["ce"] / labelled) if lm and labelled else None,
@@ -117,7 +122,10 @@ def _perplexity(mean_ce: float) -> float:
     return math.exp(mean_ce) if mean_ce < 709 else math.inf
 
 
-def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0) -> None:
+def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0,
+                exact: int | None = None) -> None:
+    """exact: how many leading columns hold the teacher's own log-probs (None: all); the others hold
+    decode's stand-in (a --no-draw-logprobs cache), which no teacher figure may use."""
     topk_ids = topk_ids.long()  # batches carry int32 ids
     # The teacher's weights and log-probs at the stored ids, as training sees them at T = 1.
     w, log_p = sparse_target_weights(topk_logprobs.float(), counts, head, 1.0)
@@ -140,8 +148,11 @@ def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, h
         s["ce"] += float(F.cross_entropy(logits[known], y, reduction="sum"))
         s["t_correct"] += float((topk_ids[known][:, 0] == y).sum())
         s["calibration"].add_logits(logits[known], y)
-        s["t_calibration"].add(topk_logprobs[known][:, 0].float().exp(), topk_ids[known][:, 0] == y)
+        if exact is None or exact > 0:
+            s["t_calibration"].add(topk_logprobs[known][:, 0].float().exp(), topk_ids[known][:, 0] == y)
         hit = (topk_ids[known] == y[:, None]) & (topk_logprobs[known] > float("-inf"))  # padding is -inf
+        if exact is not None:
+            hit[:, exact:] = False  # a label hit among stand-in log-probs: not covered
         covered = hit.any(-1)
         s["t_covered"] += float(covered.sum())
         s["t_ce"] += float(-torch.where(hit, topk_logprobs[known].float(), 0.0).sum())

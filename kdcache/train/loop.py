@@ -160,6 +160,11 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
     if cfg.tail == "bucket" and cache.kind.draws and cfg.alpha > 0 and not cfg.online_teacher:
         raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
                            f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
+    if cfg.temperature != 1 and not cache.view.draw_logprobs and cfg.alpha > 0 and not cfg.online_teacher:
+        # Its drawn entries carry counts only: at T != 1 their weights need the teacher's log-probs.
+        raise KdcacheError(f"--temperature {cfg.temperature} needs the teacher's log-prob at each drawn id; {cfg.cache} "
+                           "was dumped with --no-draw-logprobs (counts only, exact at T = 1 alone): train at "
+                           "--temperature 1, or re-dump with --draw-logprobs")
     finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished

@@ -43,12 +43,13 @@ def kind_of(name: str) -> TargetKind:
 
 
 def kind_for_columns(names) -> TargetKind | None:
-    """The kind whose soft-target columns a table holds (the one with the most of them all present),
-    or None when it holds none (a stream reading labels only)."""
+    """The kind whose soft-target columns a table holds (the one with the most of them all present;
+    its draws' log-probs may be absent: --no-draw-logprobs), or None when it holds none (a stream
+    reading labels only)."""
     present = set(names)
     best = None
     for kind in KINDS.values():
-        if set(kind.columns) <= present and (best is None or len(kind.columns) > len(best.columns)):
+        if set(kind.stored_columns(False)) <= present and (best is None or len(kind.columns) > len(best.columns)):
             best = kind
     return best
 

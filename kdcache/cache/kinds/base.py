@@ -98,6 +98,13 @@ class TargetKind:
     draws: bool = False   # stores ids drawn from the teacher's softmax (manifest samples per position)
     columns: tuple[str, ...] = ()        # its soft-target columns, in file order
     per_position: tuple[str, ...] = ()   # those with exactly one entry per target position
+    # Those `dump-logits --no-draw-logprobs` leaves out (manifest targets "draw_logprobs": false, format v3):
+    # the per-draw log-probs, which training at T = 1 does not need (its weights come from the counts).
+    draw_logprob_columns: tuple[str, ...] = ()
+
+    def stored_columns(self, draw_logprobs: bool = True) -> tuple[str, ...]:
+        """The columns a cache of this kind has: all of `columns`, or without the draws' log-probs."""
+        return self.columns if draw_logprobs else tuple(c for c in self.columns if c not in self.draw_logprob_columns)
 
     def describe(self, k: int, samples: int) -> str:
         """A few words for summaries: "top-64", "16 samples"."""

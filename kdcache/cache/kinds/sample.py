@@ -5,6 +5,9 @@ per position in `sample_lengths`: decodes 1.43x faster than nested lists (benchm
 
 "top-k+sample" (kinds/topk_sample.py) is this kind with the exact top-k head of kinds/topk.py in
 front, its draws taken from the tail outside the head: `head = True` switches that on here.
+
+`dump-logits --no-draw-logprobs` (format v3, manifest targets "draw_logprobs": false) leaves out
+sample_logprobs: training at T = 1 needs only the counts (see empirical_logprobs).
 """
 from __future__ import annotations
 
@@ -36,20 +39,43 @@ def draw_fields(samples: int, target: pa.DataType) -> list[pa.Field]:
 
 
 def encode_draws(results: list, n_pos: list[int], field) -> dict[str, pa.Array]:
-    """results[i][3]: the row's (entries per position, ids, log-probs, counts), flat over its entries."""
+    """results[i][3]: the row's (entries per position, ids, log-probs, counts), flat over its entries;
+    log-probs None: a --no-draw-logprobs dump, whose schema has no sample_logprobs."""
     columns = {SAMPLE_LENGTHS: list_array(n_pos, concat([r[3][0] for r in results], np.int64), field(SAMPLE_LENGTHS).type)}
     row_entries = [len(r[3][1]) for r in results]
     for i, (name, dtype) in enumerate(((SAMPLE_IDS, np.int64), (SAMPLE_LOGPROBS, np.float16),
                                       (SAMPLE_COUNTS, np.int64)), start=1):
+        if results and results[0][3][i] is None:
+            continue
         columns[name] = list_array(row_entries, concat([r[3][i] for r in results], dtype), field(name).type)
     return columns
 
 
-def pack_draws(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, tuple]:
+def pack_draws(ids: np.ndarray, logprobs: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, tuple]:
     """The teacher runner's padded (targets, samples) draws (entries packed to the left, empty slots
-    count 0) as (entries per target, (ids, log-probs, counts) flat over the targets' entries)."""
+    count 0) as (entries per target, (ids, log-probs, counts) flat over the targets' entries);
+    log-probs None (not copied from the device: --no-draw-logprobs) stays None."""
     present = counts > 0
-    return present.sum(1), (ids[present], logprobs[present], counts[present])
+    return present.sum(1), (ids[present], None if logprobs is None else logprobs[present], counts[present])
+
+
+def empirical_logprobs(counts: np.ndarray, entry_offsets: np.ndarray, head_logprobs: np.ndarray | None) -> np.ndarray:
+    """What decode puts in place of the draws' log-probs when a cache has none (--no-draw-logprobs):
+    each entry's own loss weight at T = 1, in logs: log(count / N) (top-k+sample: log((1 - head mass) *
+    count / N)), fp16 like the column. At T = 1 the weights (kinds' `weights`) do not read a drawn
+    entry's log-prob, so training is identical; only the KD value reported becomes the KL from this
+    empirical distribution instead of an estimate of the KL from the teacher's.
+    entry_offsets: target j owns entries entry_offsets[j]:entry_offsets[j + 1]."""
+    lengths = np.diff(entry_offsets)
+    counted = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    draws = np.maximum(counted[entry_offsets[1:]] - counted[entry_offsets[:-1]], 1)  # N (0: no draws)
+    log_w = np.log(counts.astype(np.float64)) - np.repeat(np.log(draws.astype(np.float64)), lengths)
+    if head_logprobs is not None:
+        # The head's mass in fp32 from its fp16 log-probs, as the loss computes it; a tail rounded
+        # to <= 0 weighs nothing there, any finite value stands in for it here.
+        tail = 1 - np.exp(head_logprobs.astype(np.float32)).sum(-1, dtype=np.float32)
+        log_w += np.repeat(np.log(np.maximum(tail, np.finfo(np.float32).tiny)), lengths)
+    return np.minimum(log_w, 0).astype(np.float16)
 
 
 def check_draws(table: pa.Table, manifest, head_ids: np.ndarray | None, n_pos: np.ndarray,
@@ -65,6 +91,8 @@ def check_draws(table: pa.Table, manifest, head_ids: np.ndarray | None, n_pos: n
     at_rows = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(n_pos)])]
     row_entries = np.diff(at_rows)
     for name in SAMPLE_ENTRY_COLUMNS:
+        if name not in table.column_names:  # sample_logprobs of a --no-draw-logprobs cache
+            continue
         if not np.array_equal(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False), row_entries):
             return f"{name} does not have sum(sample_lengths) entries in every row"
     ids = flat(table.column(SAMPLE_IDS), 1)  # unsigned, as stored: widened only where needed
@@ -85,6 +113,8 @@ def check_draws(table: pa.Table, manifest, head_ids: np.ndarray | None, n_pos: n
         position = np.repeat(np.arange(len(entries)), entries)
         if (head_ids[position] == ids[:, None]).any():
             return "a sampled id repeats one of its position's top-k ids (the tail excludes the head)"
+    if SAMPLE_LOGPROBS not in table.column_names:
+        return None
     return check_logprobs(flat(table.column(SAMPLE_LOGPROBS), 1), "sampled")
 
 
@@ -114,11 +144,15 @@ class _Decoded:
         lengths, _ = ragged(table.column(SAMPLE_LENGTHS))
         self.entry_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self.ids, row_offsets = ragged(table.column(SAMPLE_IDS))
-        self.logprobs, row_offsets = ragged(table.column(SAMPLE_LOGPROBS))
         self.counts, row_offsets = ragged(table.column(SAMPLE_COUNTS))
         if not np.array_equal(self.entry_offsets[target_offsets], row_offsets):
             raise KdcacheError("a row's sample_lengths do not add up to its sampled entries: the cache is "
                                "damaged; run `kdcache verify` on it and re-dump the shard it names")
+        if SAMPLE_LOGPROBS in table.column_names:
+            self.logprobs, _ = ragged(table.column(SAMPLE_LOGPROBS))
+        else:  # --no-draw-logprobs: a stand-in that trains identically at T = 1 (see empirical_logprobs)
+            self.logprobs = empirical_logprobs(self.counts, self.entry_offsets,
+                                               None if self.head is None else self.head[1])
 
     def take(self, targets: np.ndarray) -> dict:
         parts = {}
@@ -137,16 +171,19 @@ class Sample(TargetKind):
     head, draws = False, True
     columns = DRAW_COLUMNS
     per_position = (SAMPLE_LENGTHS,)
+    draw_logprob_columns = (SAMPLE_LOGPROBS,)
 
     def describe(self, k: int, samples: int) -> str:
         return f"{samples} samples"
 
-    def raw_bytes(self, k: int, samples: int, id_bytes: int, target_vocab_size: int) -> int:
-        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each), plus the entries per
-        # position (sample_lengths). A confident teacher draws far fewer distinct ids.
+    def raw_bytes(self, k: int, samples: int, id_bytes: int, target_vocab_size: int, draw_logprobs: bool = True) -> int:
+        # Upper bound: every draw a distinct id (id + fp16 log-prob + count each; no log-prob with
+        # draw_logprobs=False), plus the entries per position (sample_lengths). A confident teacher
+        # draws far fewer distinct ids.
         count_bytes = smallest_uint(samples).bit_width // 8
         head = k * (id_bytes + 2) if self.head else 0
-        return head + min(samples, target_vocab_size - k) * (id_bytes + 2 + count_bytes) + count_bytes
+        entry = id_bytes + (2 if draw_logprobs else 0) + count_bytes
+        return head + min(samples, target_vocab_size - k) * entry + count_bytes
 
     def fields(self, *, k: int, samples: int, target: pa.DataType) -> list[pa.Field]:
         return (topk.head_fields(k, target) if self.head else []) + draw_fields(samples, target)
@@ -224,7 +261,10 @@ class Sample(TargetKind):
             totals["stored_mass"] += mass
             totals["entries"] += entries
         lengths = flat(table.column(SAMPLE_LENGTHS), 1).astype(np.int64)
-        totals["stored_mass"] += float(np.exp(flat(table.column(SAMPLE_LOGPROBS), 1).astype(np.float64)).sum())
+        if SAMPLE_LOGPROBS in table.column_names:
+            totals["stored_mass"] += float(np.exp(flat(table.column(SAMPLE_LOGPROBS), 1).astype(np.float64)).sum())
+        else:  # --no-draw-logprobs: the drawn ids' mass is not stored (the head's, above, still is)
+            totals["stored_mass"] = float("nan")
         totals["entries"] += int(lengths.sum())
         if not self.head and len(lengths):  # entries are stored most probable first; every position has one
             firsts = np.cumsum(lengths) - lengths
