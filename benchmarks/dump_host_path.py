@@ -35,6 +35,9 @@ KINDS = {  # name: DumpOptions fields
     "sample N=16": dict(targets="sample", samples=16),
     "sample N=32": dict(targets="sample", samples=32),
     "top-8 + sample N=16": dict(targets="top-k+sample", top_k=8, samples=16),
+    # --no-draw-logprobs (format v3): the same draws, no sample_logprobs column
+    "sample N=32, counts only": dict(targets="sample", samples=32, draw_logprobs=False),
+    "top-8 + sample N=16, counts only": dict(targets="top-k+sample", top_k=8, samples=16, draw_logprobs=False),
 }
 
 
@@ -130,7 +133,10 @@ def main():
     ap.add_argument("--loader", action="store_true",
                     help="also time stage two's stream over each cache (positions per CPU-second, one worker)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "kdcache-host-path"))
+    ap.add_argument("--only", nargs="+", default=None, metavar="KIND",
+                    help="only these kinds (names as in KINDS; ratios are to the first when top-64 is left out)")
     args = ap.parse_args()
+    kinds = {name: KINDS[name] for name in (args.only or KINDS)}
 
     import torch
     torch.set_num_threads(1)
@@ -145,7 +151,7 @@ def main():
     corpus.write_text("\n".join(SHAKESPEARE.read_text().splitlines()[:args.rows * args.max_length // 8]) + "\n")
 
     pool_positions = args.shard_rows * args.max_length  # one shard's targets: nothing repeats within a file
-    pools = {name: zipf_results(kind, pool_positions) for name, kind in KINDS.items()}
+    pools = {name: zipf_results(kind, pool_positions) for name, kind in kinds.items()}
     started = {}
 
     class InstantRunner(TeacherRunner):
@@ -160,8 +166,11 @@ def main():
             started.setdefault("wall", time.perf_counter())
             at = (started.setdefault("next", 0) + torch.arange(len(b))) % pool_positions
             started["next"] += len(b)
-            return tuple(None if t is None else ([x[at] for x in t] if isinstance(t, list) else t[at])
-                         for t in self.pool)
+            out = tuple(None if t is None else ([x[at] for x in t] if isinstance(t, list) else t[at])
+                        for t in self.pool)
+            if out[3] is not None and not self.draw_logprobs:  # as TeacherRunner: no log-probs to the host
+                out[3][1] = None
+            return out
 
     run.TeacherRunner = InstantRunner
     for name, pool in pools.items():
@@ -169,9 +178,9 @@ def main():
             distinct = float((pool[3][2] > 0).sum(1).float().mean())
             print(f"{name}: {distinct:.1f} distinct drawn ids per position (mean over the pool)")
 
-    results = {name: [] for name in KINDS}
+    results = {name: [] for name in kinds}
     for rep in range(args.reps):
-        for name, kind in KINDS.items():  # alternating, so drift on a shared machine hits every kind
+        for name, kind in kinds.items():  # alternating, so drift on a shared machine hits every kind
             InstantRunner.pool = pools[name]
             out = work / "cache"
             shutil.rmtree(out, ignore_errors=True)
@@ -189,11 +198,12 @@ def main():
                   f"{per_position_bytes:.1f} B/position; stream decode {loader:,.0f} positions per CPU-second",
                   flush=True)
 
-    base_wall = statistics.median(r[0] for r in results["top-64"])
-    base_cpu = statistics.median(r[1] for r in results["top-64"])
-    base_loader = statistics.median(r[3] for r in results["top-64"])
-    print("\n| target kind | dump host path, positions/s (wall, median) | positions per CPU-second (median) "
-          "| ÷ top-64 (per CPU-second) | bytes/position | stream decode, positions per CPU-second (÷ top-64) |")
+    base = "top-64" if "top-64" in results else next(iter(results))
+    base_wall = statistics.median(r[0] for r in results[base])
+    base_cpu = statistics.median(r[1] for r in results[base])
+    base_loader = statistics.median(r[3] for r in results[base])
+    print(f"\n| target kind | dump host path, positions/s (wall, median) | positions per CPU-second (median) "
+          f"| ÷ {base} (per CPU-second) | bytes/position | stream decode, positions per CPU-second (÷ {base}) |")
     print("|---|---|---|---|---|---|")
     summary = {}
     for name, rows in results.items():

@@ -150,6 +150,11 @@ def test_temperature_other_than_1_is_refused(caches, tmp_path, capsys):
                             "--temperature", 2, "--out", tmp_path / "t2"], capsys)
     assert code != 0 and one_line_error(err) and "--draw-logprobs" in err and "--temperature 1" in err, err
     assert not (tmp_path / "t2" / "model.safetensors").exists()
+    # The Python API's trainer refuses it too (its loss at T = 2 would weigh draws by the stand-in).
+    from kdcache.errors import KdcacheError
+    from kdcache.integrations.transformers import KDTrainer
+    with pytest.raises(KdcacheError, match="--no-draw-logprobs"):
+        KDTrainer(model=None, args=None, train_dataset=caches["sample", False], loss=DistillLoss(temperature=2.0))
 
 
 def test_top_k_refuses_the_option(tiny_llama_clm, shakespeare_txt, tmp_path, capsys):
@@ -184,7 +189,8 @@ def test_verify_and_inspect(caches, capsys):
             code, out, _ = run_cli(["inspect", caches[kind, with_lp], "--json"], capsys)
             stats[with_lp] = json.loads(out)
         assert stats[True]["mean_stored_mass"] is not None and stats[False]["mean_stored_mass"] is None
-        assert stats[False]["format_version"] == 3
+        assert stats[False]["format_version"] == 3 and stats[False]["draw_logprobs"] is False
+        assert stats[True]["draw_logprobs"] is True
         for key in ("mean_ids_per_position", "mean_topk_mass", "mean_tail_mass", "teacher_top1_accuracy"):
             assert stats[False][key] == stats[True][key], key
 

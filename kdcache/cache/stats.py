@@ -73,6 +73,7 @@ def cache_stats(cache_dir: Path) -> dict:
         "targets": kind.name,
         "k": k,
         "samples": manifest.samples or None,
+        "draw_logprobs": manifest.draw_logprobs if kind.draws else None,  # false: counts only (v3)
         "target_vocab_size": manifest.target_vocab_size,
         "dtype": manifest.raw.get("dtype"),
         "max_length": manifest.max_length,

@@ -37,7 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..cache.stream import OpenCache, open_cache
 from ..errors import KdcacheError
 from ..train.batches import TrainStream
-from ..train.losses import DistillLoss
+from ..train.losses import DistillLoss, check_temperature
 from ..train.optim import adamw
 from ..train.step import student_loss
 
@@ -64,6 +64,8 @@ class KDTrainer(Trainer):
             raise KdcacheError("KDTrainer: train_dataset must be a kdcache cache (kdcache.open_cache(...) or its path) "
                                f"or a kdcache.TrainStream, not {type(train_dataset).__name__}")
         self.kd_loss = loss or DistillLoss()
+        if self.kd_loss.uses_soft_targets:
+            check_temperature(self.kd_loss.temperature, self.kd_cache.view.draw_logprobs, self.kd_cache.dir)
         if kwargs.get("processing_class") is None and self.kd_cache.tokenizer_dir.is_dir():
             kwargs["processing_class"] = self.kd_cache.load_tokenizer()  # saved with every checkpoint
         super().__init__(model=model, args=args, train_dataset=None, **kwargs)

@@ -29,7 +29,7 @@ from .. import distributed
 from . import checkpoint
 from .batches import TrainStream
 from .forward import target_logits
-from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss
+from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss, check_temperature
 from ..models import auto_class
 from .optim import adamw, lr_schedule
 from .step import StudentLoss  # noqa: F401  (re-exported: benchmarks import it from here)
@@ -160,11 +160,8 @@ def _checked_train(cfg: TrainConfig, dist) -> dict:
     if cfg.tail == "bucket" and cache.kind.draws and cfg.alpha > 0 and not cfg.online_teacher:
         raise KdcacheError(f"--tail bucket keeps the mass outside a top-k cache's ids as one bucket; {cfg.cache} holds "
                            f"{kind} targets, whose draws already estimate that tail without bias: drop --tail")
-    if cfg.temperature != 1 and not cache.view.draw_logprobs and cfg.alpha > 0 and not cfg.online_teacher:
-        # Its drawn entries carry counts only: at T != 1 their weights need the teacher's log-probs.
-        raise KdcacheError(f"--temperature {cfg.temperature} needs the teacher's log-prob at each drawn id; {cfg.cache} "
-                           "was dumped with --no-draw-logprobs (counts only, exact at T = 1 alone): train at "
-                           "--temperature 1, or re-dump with --draw-logprobs")
+    if cfg.alpha > 0 and not cfg.online_teacher:
+        check_temperature(cfg.temperature, cache.view.draw_logprobs, cfg.cache)
     finished = _check_out_dir(out, cfg.resume, Path(cfg.cache))
     if finished is not None:
         return finished

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..cache.kinds import kind_of
+from ..errors import KdcacheError
 from ..cache.schema import SAMPLE as _SAMPLE, TOP_K as _TOP_K
 
 TOPK, SAMPLE = kind_of(_TOP_K), kind_of(_SAMPLE)  # whose weights batches with and without draw counts use
@@ -89,6 +90,15 @@ def sparse_target_weights(logprobs: torch.Tensor, counts: torch.Tensor | None, h
     """
     # The formulas live with their kinds (kdcache/cache/kinds/): top-k renormalises, drawn kinds weigh by counts.
     return (TOPK if counts is None else SAMPLE).weights(logprobs, counts, head, temperature)
+
+
+def check_temperature(temperature: float, draw_logprobs: bool, cache) -> None:
+    """At T != 1 the weights of drawn ids read the teacher's log-prob at each (above); a cache dumped with
+    --no-draw-logprobs (manifest targets "draw_logprobs": false) stores counts only, exact at T = 1 alone."""
+    if temperature != 1 and not draw_logprobs:
+        raise KdcacheError(f"temperature {temperature} needs the teacher's log-prob at each drawn id; {cache} was "
+                           "dumped with --no-draw-logprobs (counts only, exact at T = 1 alone): train at "
+                           "--temperature 1, or re-dump with --draw-logprobs")
 
 
 class _SparseTargetCE(torch.autograd.Function):
