@@ -9,7 +9,13 @@ Then, for the counts-only top-k+sample caches, the shards re-written with topk_l
 1/16-nat steps (logprob_quantisation.py's encoding: measured there at ~1e-4 nats of KL and 0.5 % head-mass
 error) instead of float16: measured only, not a format.
 
+--stream-only CACHE...: stage two's stream (CacheStream, one worker, batch 16; positions per CPU-second)
+over each given cache with log-probs and a counts-only copy of it (the same shards without sample_logprobs,
+manifest as --no-draw-logprobs writes it), medians of --rounds interleaved rounds after a warm-up: what the
+decoder's stand-in for the missing log-probs costs the loader (e.g. the caches dump_host_path.py leaves).
+
     nice python benchmarks/draw_logprobs.py [--chars 20000] [--max-length 256] [--work DIR] [--teacher DIR]
+    nice python benchmarks/draw_logprobs.py --stream-only CACHE... [--rounds 5]
 """
 from __future__ import annotations
 
@@ -90,6 +96,53 @@ def uint8_head_bytes(cache: Path) -> int:
     return total
 
 
+def counts_only_copy(cache: Path, dest: Path) -> Path:
+    """`cache` re-written without sample_logprobs, its manifest as --no-draw-logprobs writes it."""
+    import shutil
+
+    from kdcache.cache.schema import format_version_for
+    from kdcache.cache.shards import write_shard
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(cache, dest, ignore=shutil.ignore_patterns("*.parquet", "_*.stats.json"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["targets"]["draw_logprobs"] = False
+    manifest["format_version"] = format_version_for(manifest["targets"])
+    for i, entry in enumerate(manifest["shards"]):
+        table = pq.read_table(cache / entry["file"]).drop_columns(["sample_logprobs"])
+        table = table.replace_schema_metadata({"kdcache_format_version": str(manifest["format_version"])})
+        manifest["shards"][i] = write_shard(dest, entry["index"], table)
+    manifest["totals"]["bytes"] = sum(e["bytes"] for e in manifest["shards"])
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+def stream_rate(cache: Path) -> float:
+    import time
+
+    from kdcache.cache.stream import CacheStream
+    n, start = 0, time.process_time()
+    for batch in CacheStream(cache, batch_size=16, seed=0):
+        n += len(batch["labels"])
+    return n / (time.process_time() - start)
+
+
+def compare_streams(caches: list[Path], work: Path, rounds: int) -> None:
+    import statistics
+
+    import torch
+    torch.set_num_threads(1)  # as in one DataLoader worker
+    print("| cache | with log-probs | counts only | counts only ÷ with |")
+    print("|---|---:|---:|---:|")
+    for cache in caches:
+        pair = {"with": cache, "counts": counts_only_copy(cache, work / f"{cache.name}-counts-only")}
+        rates = {label: [] for label in pair}
+        for _ in range(rounds + 1):
+            for label, path in pair.items():
+                rates[label].append(stream_rate(path))
+        with_, counts = (statistics.median(rates[label][1:]) for label in pair)
+        print(f"| {cache} | {with_:,.0f} | {counts:,.0f} | {counts / with_:.2f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chars", type=int, default=20_000, help="characters of Tiny Shakespeare to dump")
@@ -97,7 +150,13 @@ def main():
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "kdcache-draw-logprobs"))
     ap.add_argument("--teacher", type=Path, default=None,
                     help="the converted SmolLM2 folder (default: pipelines/teachers.py makes or reuses it)")
+    ap.add_argument("--stream-only", type=Path, nargs="+", default=None, metavar="CACHE")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.stream_only:
+        work = Path(args.work) / "stream"
+        work.mkdir(parents=True, exist_ok=True)
+        return compare_streams(args.stream_only, work, args.rounds)
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     from dump_common import SHAKESPEARE

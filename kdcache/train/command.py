@@ -43,7 +43,8 @@ Examples:
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="Gradient clipping; 0 disables.")
 @click.option("--temperature", default=1.0, show_default=True, type=float,
               help="Distillation temperature T (the KD term is scaled by T²). Sampled caches are exact at T = 1; "
-                   "at T != 1 they use self-normalised importance weights (consistent, bias ~1/N; docs/FORMAT.md).")
+                   "at T != 1 they use self-normalised importance weights (consistent, bias ~1/N; docs/FORMAT.md), which "
+                   "need the draws' log-probs (refused on a --no-draw-logprobs cache).")
 @click.option("--alpha", default=0.5, show_default=True, type=float,
               help="Weight of the KD term; 1 - alpha weighs the hard-label loss. 0 = hard labels only "
                    "(the soft targets are then not even read).")

@@ -13,6 +13,9 @@ at T = 1, so the expected gradient equals full-vocabulary KD's. The reported KD 
 unbiased estimate of the full KL(teacher || student), not a KL over the stored ids.
 T != 1: self-normalised importance weights, w ∝ count · p^(1/T - 1) (head ids: p^(1/T) exactly);
 consistent, with a bias of order 1/N that vanishes at T = 1. `tail="bucket"` is for top-k targets only.
+A cache dumped with --no-draw-logprobs has no teacher log-prob at drawn ids: decode stands in each entry's
+own weight (log w_j), so at T = 1 the weights and gradient are the same bit for bit, and the reported KD
+term is KL(w || student), from the empirical distribution; T != 1 is refused (check_temperature).
 
 The output layer runs per chunk of targets under activation checkpointing, so at most one
 chunk's (targets x vocab) logits exist at a time, in the forward and in the backward pass.
