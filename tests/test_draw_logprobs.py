@@ -195,21 +195,34 @@ def test_verify_and_inspect(caches, capsys):
             assert stats[False][key] == stats[True][key], key
 
 
-@pytest.mark.parametrize("lie", ["claims-logprobs", "claims-counts-only"])
+@pytest.mark.parametrize("lie", ["claims-logprobs", "claims-counts-only", "claims-version-2"])
 def test_verify_catches_a_manifest_that_lies_about_the_column(caches, tmp_path, capsys, lie):
-    source = caches["sample", False] if lie == "claims-logprobs" else caches["sample", True]
+    source = caches["sample", False] if lie != "claims-counts-only" else caches["sample", True]
     cache = tmp_path / "cache"
     shutil.copytree(source, cache)
     m = manifest(cache)
     if lie == "claims-logprobs":
         m["format_version"] = 2
         del m["targets"]["draw_logprobs"]
-    else:
+    elif lie == "claims-counts-only":
         m["format_version"] = 3
         m["targets"]["draw_logprobs"] = False
+    else:  # counts only, but version 2: a v2 reader would take it for a cache with log-probs
+        m["format_version"] = 2
     (cache / "manifest.json").write_text(json.dumps(m))
     code, _, err = run_cli(["verify", cache], capsys)
-    assert code != 0 and one_line_error(err) and "sample_logprobs" in err, err
+    assert code != 0 and one_line_error(err), err
+    assert ("format_version 2" if lie == "claims-version-2" else "sample_logprobs") in err, err
+
+
+def test_resuming_with_the_other_setting_is_refused(caches, tiny_llama_clm, shakespeare_txt, tmp_path, capsys):
+    """draw_logprobs is part of the cache's identity: a re-run with the other setting would mix two layouts."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["sample", True], cache)
+    code, _, err = dump(tiny_llama_clm, shakespeare_txt, cache, *COMMON, *KINDS["sample"], "--no-draw-logprobs",
+                        capsys=capsys, check=False)
+    assert code != 0 and one_line_error(err) and "targets.draw_logprobs" in err, err
+    assert manifest(cache) == manifest(caches["sample", True])  # nothing written
 
 
 def test_format_md_recipe_reads_a_counts_only_cache(caches):

@@ -103,6 +103,11 @@ def verify_cache(cache_dir: Path, progress=None) -> dict:
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest_view(cache_dir)
     shards = manifest.shards
+    version, needed = manifest.raw.get("format_version"), S.format_version_for(manifest.raw.get("targets") or {})
+    if isinstance(version, int) and version < needed:  # a reader of `version` would misread this cache
+        raise KdcacheError(f"{cache_dir}: manifest says format_version {version}, but its targets "
+                           f"({S.describe_targets(manifest.raw)}) are a version-{needed} feature; the manifest is "
+                           "damaged: re-create the cache with `kdcache dump-logits`")
     if len(shards) != manifest.num_shards:
         raise KdcacheError(f"{cache_dir} is incomplete ({len(shards)} of {manifest.num_shards} shards); "
                            "re-run the same `kdcache dump-logits` command to finish it")
