@@ -34,8 +34,8 @@ def cache_stats(cache_dir: Path) -> dict:
 
     Per position: stored ids (top-k head + distinct drawn ids), teacher probability mass of the top-k
     head (`mean_topk_mass`) and outside it (`mean_tail_mass`), and mass of all stored ids together
-    (`mean_stored_mass`; None for a cache without the draws' log-probs). The teacher's top-1 is its first stored id (for `sample` caches, the most
-    probable id drawn)."""
+    (`mean_stored_mass`; None for a cache without the draws' log-probs). The teacher's top-1 is its first
+    stored id (for `sample` caches, the most probable id drawn)."""
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest_view(cache_dir)
     kind, k = kind_of(manifest.target_kind), manifest.k

@@ -104,7 +104,9 @@ def verify_cache(cache_dir: Path, progress=None) -> dict:
     manifest = read_manifest_view(cache_dir)
     shards = manifest.shards
     version, needed = manifest.raw.get("format_version"), S.format_version_for(manifest.raw.get("targets") or {})
-    if isinstance(version, int) and version < needed:  # a reader of `version` would misread this cache
+    # A v3 feature under an older version: a reader of that version would misread the cache. (Versions 1
+    # and 2 differ only in what kdcache wrote: v1 has no targets, read as top-k.)
+    if needed > S.FORMAT_VERSION and isinstance(version, int) and version < needed:
         raise KdcacheError(f"{cache_dir}: manifest says format_version {version}, but its targets "
                            f"({S.describe_targets(manifest.raw)}) are a version-{needed} feature; the manifest is "
                            "damaged: re-create the cache with `kdcache dump-logits`")
