@@ -15,7 +15,8 @@ Needs a finished pipeline run: `make quickstart` (pipeline 1) or `python3 pipeli
         --targets top-k:8,top-k:64,sample:16,top-k+sample:8:16 --epochs 1,3
     python3 benchmarks/quality_targets.py --pipeline runs/masked_lm-small --student L3-H384-init --targets top-k:64,sample:16
 
-Target specs: `top-k:K`, `sample:N`, `top-k+sample:K:N`. Caches and runs are kept in --workdir and
+Target specs: `top-k:K`, `sample:N`, `top-k+sample:K:N`; `:counts` after a sampled spec (`sample:32:counts`)
+dumps it with --no-draw-logprobs (format v3: the same student at T = 1, fewer bytes). Caches and runs are kept in --workdir and
 reused, so an interrupted table resumes and a second call with more specs only adds rows.
 """
 from __future__ import annotations
@@ -40,33 +41,41 @@ class Targets:
     kind: str
     k: int | None = None
     samples: int | None = None
+    draw_logprobs: bool = True  # False: `:counts`, dumped with --no-draw-logprobs
 
     @classmethod
     def parse(cls, spec: str) -> "Targets":
         kind, _, rest = spec.partition(":")
-        numbers = [int(x) for x in rest.split(":") if x]
+        parts = [x for x in rest.split(":") if x]
+        counts_only = kind != "top-k" and parts[-1:] == ["counts"]
+        numbers = [int(x) for x in parts[:-1 if counts_only else None] if x.isdigit()]
+        if len(numbers) != len(parts) - counts_only:
+            numbers = []  # something else than numbers: refused below
         if kind == "top-k" and len(numbers) == 1:
             return cls(kind, k=numbers[0])
         if kind == "sample" and len(numbers) == 1:
-            return cls(kind, samples=numbers[0])
+            return cls(kind, samples=numbers[0], draw_logprobs=not counts_only)
         if kind == "top-k+sample" and len(numbers) == 2:
-            return cls(kind, k=numbers[0], samples=numbers[1])
-        sys.exit(f"error: target spec {spec!r}: use top-k:K, sample:N or top-k+sample:K:N")
+            return cls(kind, k=numbers[0], samples=numbers[1], draw_logprobs=not counts_only)
+        sys.exit(f"error: target spec {spec!r}: use top-k:K, sample:N or top-k+sample:K:N (sampled ones with "
+                 ":counts for --no-draw-logprobs)")
 
     @classmethod
     def of_manifest(cls, manifest: dict) -> "Targets":
         from kdcache.cache.schema import targets_of
         t = targets_of(manifest)
-        return cls(t["kind"], k=t["k"] or None, samples=t["samples"] or None)
+        return cls(t["kind"], k=t["k"] or None, samples=t["samples"] or None, draw_logprobs=t["draw_logprobs"])
 
     @property
     def label(self) -> str:
         return {"top-k": f"top-{self.k}", "sample": f"sample N={self.samples}",
-                "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind]
+                "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind] \
+            + ("" if self.draw_logprobs else ", counts only")
 
     @property
     def slug(self) -> str:
-        return {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind]
+        return {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind] \
+            + ("" if self.draw_logprobs else "c")
 
     def dump_args(self) -> list:
         args = ["--targets", self.kind]
@@ -74,6 +83,8 @@ class Targets:
             args += ["--top-k", self.k]
         if self.samples is not None:
             args += ["--samples", self.samples]
+        if not self.draw_logprobs:
+            args.append("--no-draw-logprobs")
         return args
 
 
