@@ -12,7 +12,7 @@ import pytest
 from conftest import shakespeare_lines, single_thread_env
 from dump_helpers import assert_same_rows, dump, manifest, read_rows
 
-ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
+ARGS = ["--max-length", 32, "--targets", "top-k", "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
 
 
 @pytest.fixture(scope="module")

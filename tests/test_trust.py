@@ -19,7 +19,7 @@ from conftest import shakespeare_lines
 from stage2_helpers import cli_ok, run_cli
 
 TINY = ["--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64]
-DUMP = ["--top-k", 4, "--max-length", 32, "--shard-rows", 8, "--no-progress"]
+DUMP = ["--targets", "top-k", "--top-k", 4, "--max-length", 32, "--shard-rows", 8, "--no-progress"]
 
 
 def snapshot(directory: Path) -> dict:
@@ -273,7 +273,7 @@ def test_case4_disk_full_while_writing_the_manifest_is_one_line(setup, tmp_path,
                                           ("--max-tokens-per-batch", 0)])
 def test_case5_zero_or_negative_sizes_are_refused(setup, tmp_path, option, value):
     args = ["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", tmp_path / "c",
-            "--top-k", 4, "--no-progress", option, value]
+            "--targets", "top-k", "--top-k", 4, "--no-progress", option, value]
     one_line_error(args, f"{option} must be", str(value))
     assert not (tmp_path / "c").exists()
 
@@ -328,7 +328,7 @@ def test_case8_empty_and_binary_corpora_say_what_is_wrong_with_which_file(setup,
     data = tmp_path / name
     data.write_bytes(content)
     message = one_line_error(["dump-logits", "--teacher", setup["teacher"], "--data", data, "--out", tmp_path / "c",
-                              "--top-k", 4, "--no-progress"], *needles)
+                              "--targets", "top-k", "--top-k", 4, "--no-progress"], *needles)
     assert "An error occurred while generating the dataset" not in message and "StopIteration" not in message
     assert not (tmp_path / "c").exists()
 
