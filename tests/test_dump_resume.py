@@ -80,7 +80,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_mlm, corpus, refer
 
 # Sampled target kinds: the draws are keyed by (seed, example id, position), so the same rules hold.
 # The full option lists (after --out): `sample` keeps no top-k, so it takes no --top-k (refused since issue 16).
-SAMPLED = {"sample": [*ARGS[:2], *ARGS[4:], "--targets", "sample", "--samples", 16],
+SAMPLED = {"sample": [*ARGS[:2], *ARGS[6:], "--targets", "sample", "--samples", 16],
            "top-k+sample": [*ARGS, "--targets", "top-k+sample", "--samples", 16]}
 
 
