@@ -60,7 +60,7 @@ def main():
         out = work / f"cache-{device}-{dtype}"
         shutil.rmtree(out, ignore_errors=True)
         result = run_dump(DumpOptions(teacher=str(teacher), data=str(corpus), out=out, device=device, dtype=dtype,
-                                      max_length=128, top_k=16, shard_rows=8, progress=False))
+                                      max_length=128, targets="top-k", top_k=16, shard_rows=8, progress=False))
         print(f"{device} {dtype}: {result.rows} rows, {result.real_tokens:,} tokens, {result.seconds:.2f} s loop, "
               f"{result.real_tokens / result.seconds:,.0f} tokens/s")
         runs[(device, dtype)] = rows_of(out)
@@ -73,7 +73,7 @@ def main():
     for i in (0, 3):
         (out / "data" / f"_part-{i:05d}.stats.json").unlink()
     run_dump(DumpOptions(teacher=str(teacher), data=str(corpus), out=out, device="cuda", dtype="fp16",
-                         max_length=128, top_k=16, shard_rows=8, progress=False))
+                         max_length=128, targets="top-k", top_k=16, shard_rows=8, progress=False))
     again = rows_of(out)
     same = again == runs[("cuda", "fp16")]
     print(f"cuda fp16 resume of 2 shards row-identical to the first run: {same}")

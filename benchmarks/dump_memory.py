@@ -23,7 +23,7 @@ import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from kdcache.dump.run import DumpOptions, run_dump
 t = time.perf_counter()
-r = run_dump(DumpOptions(teacher=sys.argv[1], data=sys.argv[2], out=sys.argv[3], max_length=128, top_k=16,
+r = run_dump(DumpOptions(teacher=sys.argv[1], data=sys.argv[2], out=sys.argv[3], max_length=128, targets="top-k", top_k=16,
                          shard_rows=256, max_tokens_per_batch=4096, device="cpu", progress=False, echo=lambda *a, **k: None))
 print(json.dumps({"rows": r.rows, "tokens": r.real_tokens, "seconds": time.perf_counter() - t,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -49,7 +49,7 @@ def main():
     # enough lines for the requested rows (~13 tokens per line)
     corpus = work / "overhead_corpus.txt"
     corpus.write_text("\n".join(SHAKESPEARE.read_text().splitlines()[:args.rows * args.max_length // 9]) + "\n")
-    common = dict(teacher=str(teacher_dir), data=str(corpus), max_length=args.max_length, top_k=args.top_k,
+    common = dict(teacher=str(teacher_dir), data=str(corpus), max_length=args.max_length, targets="top-k", top_k=args.top_k,
                   shard_rows=args.shard_rows, max_tokens_per_batch=args.max_tokens_per_batch, device=args.device,
                   dtype=args.dtype,
                   progress=False, echo=lambda *a, **k: None)

@@ -37,7 +37,7 @@ def main():
     out = work / "padding_cache"
     shutil.rmtree(out, ignore_errors=True)
     result = run_dump(DumpOptions(teacher=str(teacher_dir), data=str(SHAKESPEARE), out=out, packing=False, max_length=128,
-                                  top_k=8, device="cpu", progress=False, echo=lambda *a, **k: None))
+                                  targets="top-k", top_k=8, device="cpu", progress=False, echo=lambda *a, **k: None))
     print(f"real dump, Tiny Shakespeare unpacked, defaults (--shard-rows 4096, --max-tokens-per-batch {DEFAULT_MAX_TOKENS_PER_BATCH}): "
           f"{result.rows:,} rows, {result.real_tokens:,} real tokens, {result.padded_tokens:,} processed -> "
           f"padding ratio {result.padded_tokens / result.real_tokens:.4f} ({result.seconds:.1f} s)")

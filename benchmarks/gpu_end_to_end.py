@@ -134,7 +134,7 @@ def main():
         corpus = work / f"corpus_x{args.corpus_copies}.txt"
         corpus.write_text(CORPUS.read_text() * args.corpus_copies)
     common = ["--teacher", str(teacher_dir), "--data", str(corpus), "--shard-rows", str(args.shard_rows), "--max-length", str(args.max_length),
-              "--top-k", "64", "--device", device, "--no-progress"]
+              "--targets", "top-k", "--top-k", "64", "--device", device, "--no-progress"]
     for dtype in ("bf16",) if args.dump_only else ("bf16", "fp16"):
         cache = work / f"cache-{dtype}"
         seconds = kdcache("dump-logits", *common, *limit, "--out", str(cache), "--dtype", dtype)

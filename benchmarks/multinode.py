@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from dump_common import SHAKESPEARE, bert_mlm_teacher
 from train_common import command_line
 
-DUMP = ["--max-length", "128", "--top-k", "16", "--shard-rows", "64", "--no-progress"]
+DUMP = ["--max-length", "128", "--targets", "top-k", "--top-k", "16", "--shard-rows", "64", "--no-progress"]
 TRAIN = ["--student", "L2-H128", "--epochs", "1", "--batch-size", "8", "--num-workers", "1", "--device", "cpu",
          "--no-progress", "--seed", "0"]
 

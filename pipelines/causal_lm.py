@@ -56,7 +56,7 @@ def main():
     with p.step(f"stage one: dump the teacher's soft targets ({kind}) for the train part"):
         p.dump_logits(out / "cache", *dump, *size["targets"], "--data", train_txt)
     with p.step("stage one: held-out cache for evaluation (top-64)"):
-        p.dump_logits(out / "eval-cache", *dump, "--top-k", 64, "--data", heldout_txt)
+        p.dump_logits(out / "eval-cache", *dump, "--targets", "top-k", "--top-k", 64, "--data", heldout_txt)
 
     runs = out / "runs"
     students_and_baselines(p, teacher, out / "cache", runs, size)

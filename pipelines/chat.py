@@ -90,7 +90,7 @@ def main():
     with p.step("stage one: the teacher's soft targets on the assistant tokens of the train conversations"):
         p.dump_logits(out / "cache", *dump, *TARGETS, "--data", train)
     with p.step("stage one: held-out cache for evaluation (top-64, assistant tokens)"):
-        p.dump_logits(out / "eval-cache", *dump, "--top-k", 64, "--data", heldout)
+        p.dump_logits(out / "eval-cache", *dump, "--targets", "top-k", "--top-k", 64, "--data", heldout)
     p.kdcache("inspect", out / "cache")
 
     runs = out / "runs"

@@ -45,7 +45,7 @@ def main():
                               max_length=size["max_length"])
         print(f"teacher: {teacher} ({json.loads((teacher / '.done.json').read_text())})")
 
-    dump = ["--teacher", teacher, "--task", "mlm", "--max-length", size["max_length"], "--top-k", 64,
+    dump = ["--teacher", teacher, "--task", "mlm", "--max-length", size["max_length"], "--targets", "top-k", "--top-k", 64,
             "--batch-size", 32, "--seed", 0]
     with p.step(f"stage one: MLM cache, {size['mask_copies']} masked copies of every sequence"):
         p.dump_logits(out / "cache", *dump, "--mask-copies", size["mask_copies"], "--data", train_txt)

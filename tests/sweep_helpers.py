@@ -17,7 +17,7 @@ def run_cli(argv) -> int:
 
 def dump(teacher: Path, data: Path, out: Path) -> Path:
     rc = run_cli(["dump-logits", "--teacher", teacher, "--data", data, "--out", out, "--task", "clm",
-                  "--max-length", 32, "--top-k", 16, "--batch-size", 8])
+                  "--max-length", 32, "--targets", "top-k", "--top-k", 16, "--batch-size", 8])
     assert rc == 0, f"dump-logits failed with exit {rc}"
     return out
 

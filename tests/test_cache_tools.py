@@ -18,7 +18,7 @@ from kdcache.cache.shards import write_shard
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny_llama_clm, shakespeare_txt):
     out = tmp_path_factory.mktemp("tools") / "cache"
-    dump(tiny_llama_clm, shakespeare_txt, out, "--max-length", 64, "--top-k", 16, "--shard-rows", 20)
+    dump(tiny_llama_clm, shakespeare_txt, out, "--max-length", 64, "--targets", "top-k", "--top-k", 16, "--shard-rows", 20)
     return out
 
 

@@ -57,8 +57,8 @@ def template_file(tmp_path, text):
 
 def dump_with(template, chatml_teacher, plain_teacher, data, out, tmp_path, *extra):
     if template is None:
-        return dump(chatml_teacher, data, out, "--top-k", K, *extra)
-    return dump(plain_teacher, data, out, "--top-k", K, "--chat-template", template_file(tmp_path, template), *extra)
+        return dump(chatml_teacher, data, out, "--targets", "top-k", "--top-k", K, *extra)
+    return dump(plain_teacher, data, out, "--targets", "top-k", "--top-k", K, "--chat-template", template_file(tmp_path, template), *extra)
 
 
 def decode(tokenizer, ids) -> str:
@@ -140,7 +140,7 @@ def test_targets_are_exactly_the_assistant_tokens(tmp_path, chat_tokenizer, chat
 def test_cached_logprobs_equal_a_direct_forward_of_the_rendered_conversation(tmp_path, chat_tokenizer, chatml_teacher,
                                                                            conversations):
     out = tmp_path / "cache"
-    dump(chatml_teacher, conversations, out, "--top-k", K, "--max-tokens-per-batch", 96)  # several padded batches
+    dump(chatml_teacher, conversations, out, "--targets", "top-k", "--top-k", K, "--max-tokens-per-batch", 96)  # several padded batches
     model = AutoModelForCausalLM.from_pretrained(chatml_teacher).eval()
     for row, messages in zip(read_rows(out), CONVERSATIONS):
         text = chat_tokenizer.apply_chat_template(messages, tokenize=False, chat_template=CHATML_SMOLLM2)
@@ -169,7 +169,7 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tmp_path, chat_tokenizer,
     end_of_first_turn = runs_of(first["positions"])[0][-1] + 2
     limit = end_of_first_turn + 3
     out = tmp_path / "cut"
-    dump(chatml_teacher, conversations, out, "--top-k", K, "--max-length", limit)
+    dump(chatml_teacher, conversations, out, "--targets", "top-k", "--top-k", K, "--max-length", limit)
     rows = read_rows(out)
     assert rows[0]["input_ids"] == first["input_ids"][:end_of_first_turn]
     assert rows[0]["positions"] == runs_of(first["positions"])[0]
@@ -180,7 +180,7 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tmp_path, chat_tokenizer,
 
 
 def test_dry_run_renders_and_counts_without_the_teacher(tmp_path, capsys, chatml_teacher, conversations):
-    _, stdout, _ = dump(chatml_teacher, conversations, tmp_path / "dry", "--top-k", K, "--dry-run", capsys=capsys)
+    _, stdout, _ = dump(chatml_teacher, conversations, tmp_path / "dry", "--targets", "top-k", "--top-k", K, "--dry-run", capsys=capsys)
     targets = sum(len(c) for c in [[m for m in conv if m["role"] == "assistant"] for conv in CONVERSATIONS])
     assert f"dry run: {len(CONVERSATIONS)} rows" in stdout and "the teacher was not run" in stdout
     assert f"Chat: {len(CONVERSATIONS)} conversations, {sum(map(len, CONVERSATIONS))} turns, {targets} assistant turns" in stdout
@@ -188,7 +188,7 @@ def test_dry_run_renders_and_counts_without_the_teacher(tmp_path, capsys, chatml
 
 
 def read_rows_of(out, teacher, data):
-    dump(teacher, data, out, "--top-k", K)
+    dump(teacher, data, out, "--targets", "top-k", "--top-k", K)
     return read_rows(out)
 
 
@@ -198,7 +198,7 @@ def test_sharegpt_and_alpaca_layouts_equal_the_messages_layout(tmp_path, capsys,
     sharegpt = tmp_path / "sharegpt.json"
     sharegpt.write_text(json.dumps([{"id": f"c{i}", "conversations": [{"from": roles[m["role"]], "value": m["content"]}
                                                                       for m in c]} for i, c in enumerate(CONVERSATIONS)]))
-    _, stdout, _ = dump(chatml_teacher, sharegpt, tmp_path / "sharegpt", "--top-k", K, capsys=capsys)
+    _, stdout, _ = dump(chatml_teacher, sharegpt, tmp_path / "sharegpt", "--targets", "top-k", "--top-k", K, capsys=capsys)
     assert "ShareGPT layout" in stdout
     assert_same_rows(read_rows(tmp_path / "sharegpt"), reference)
 
@@ -209,9 +209,9 @@ def test_sharegpt_and_alpaca_layouts_equal_the_messages_layout(tmp_path, capsys,
                                  {"role": "assistant", "content": r["output"]}]} for r in alpaca]
     # and a --messages-column other than "messages"
     write_jsonl(tmp_path / "as_messages.jsonl", [{"chat": r["messages"], "text": "ignored"} for r in as_messages])
-    _, stdout, _ = dump(chatml_teacher, tmp_path / "alpaca.jsonl", tmp_path / "alpaca", "--top-k", K, capsys=capsys)
+    _, stdout, _ = dump(chatml_teacher, tmp_path / "alpaca.jsonl", tmp_path / "alpaca", "--targets", "top-k", "--top-k", K, capsys=capsys)
     assert "Alpaca" in stdout
-    dump(chatml_teacher, tmp_path / "as_messages.jsonl", tmp_path / "as_messages", "--top-k", K,
+    dump(chatml_teacher, tmp_path / "as_messages.jsonl", tmp_path / "as_messages", "--targets", "top-k", "--top-k", K,
          "--messages-column", "chat")
     assert_same_rows(read_rows(tmp_path / "alpaca"), read_rows(tmp_path / "as_messages"))
 
@@ -225,7 +225,7 @@ def test_bad_rows_are_reported_by_index_or_refused_with_strict(tmp_path, capsys,
             {"messages": CONVERSATIONS[3]}]
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "cache"
-    _, stdout, _ = dump(chatml_teacher, data, out, "--top-k", K, capsys=capsys)
+    _, stdout, _ = dump(chatml_teacher, data, out, "--targets", "top-k", "--top-k", K, capsys=capsys)
     assert "skipped 4 of 6 rows that are not usable conversations" in stdout
     for fragment in ("example 1: no assistant turn", "example 2: turn 1 has unknown role 'bot'",
                      "example 3: turn 1 (assistant) has NoneType content", "example 4: empty conversation"):
@@ -243,7 +243,7 @@ def test_unalignable_conversations_are_reported_and_skipped(tmp_path, capsys, ch
     at the reply's start, so those conversations are skipped with a reason; the rest are cached exactly."""
     out = tmp_path / "cache"
     template = template_file(tmp_path, MERGING)
-    _, stdout, _ = dump(plain_teacher, conversations, out, "--top-k", K, "--chat-template", template, capsys=capsys)
+    _, stdout, _ = dump(plain_teacher, conversations, out, "--targets", "top-k", "--top-k", K, "--chat-template", template, capsys=capsys)
     assert "cannot be aligned exactly" in stdout and "falls inside a token" in stdout
     kept = [r["example_id"] for r in read_rows(out)]
     skipped = [i for i in range(len(CONVERSATIONS)) if i not in kept]
@@ -272,8 +272,8 @@ def test_refusals(tmp_path, plain_teacher, chatml_teacher, conversations, shakes
                                                     "--data", conversations, "--messages-column", "chat"])
     # The template is part of the cache's identity: another one is refused in the same --out.
     out = tmp_path / "cache"
-    dump(chatml_teacher, conversations, out, "--top-k", K)
-    error = cli_error([*base, out, "--teacher", chatml_teacher, "--data", conversations, "--top-k", K,
+    dump(chatml_teacher, conversations, out, "--targets", "top-k", "--top-k", K)
+    error = cli_error([*base, out, "--teacher", chatml_teacher, "--data", conversations, "--targets", "top-k", "--top-k", K,
                        "--chat-template", template_file(tmp_path, ZEPHYR)])
     assert "chat.template_sha256" in error
 
@@ -289,7 +289,7 @@ def test_messages_column_with_label_or_pair_column_is_refused(tmp_path, chatml_t
 
 def test_inspect_verify_and_a_student_that_chats(tmp_path, chatml_teacher, conversations):
     out = tmp_path / "cache"
-    dump(chatml_teacher, conversations, out, "--top-k", K)
+    dump(chatml_teacher, conversations, out, "--targets", "top-k", "--top-k", K)
     stats = json.loads(cli_ok(["inspect", out, "--json"]))
     rows = read_rows(out)
     assert stats["conversations"] == len(CONVERSATIONS)
@@ -309,7 +309,7 @@ def test_inspect_verify_and_a_student_that_chats(tmp_path, chatml_teacher, conve
 
 
 # Resume and torchrun: rows are defined by the corpus alone, as for text caches.
-RESUME = ["--top-k", K, "--shard-rows", 4, "--max-tokens-per-batch", 256]
+RESUME = ["--targets", "top-k", "--top-k", K, "--shard-rows", 4, "--max-tokens-per-batch", 256]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dump_helpers import assert_same_rows, dump, manifest, read_rows, run_cli
 
-ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 30, "--limit", 150, "--mask-copies", 2]
+ARGS = ["--max-length", 32, "--targets", "top-k", "--top-k", 8, "--shard-rows", 30, "--limit", 150, "--mask-copies", 2]
 
 
 def test_dry_run_counts_match_the_real_dump_and_write_nothing(tmp_path, tiny_bert_mlm, shakespeare_txt, capsys):

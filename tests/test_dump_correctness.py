@@ -47,7 +47,7 @@ def token_stream(tokenizer, path):
 @pytest.fixture(scope="module")
 def mlm_cache(tmp_path_factory, tiny_bert_mlm, shakespeare_txt):
     out = tmp_path_factory.mktemp("mlm") / "cache"
-    dump(tiny_bert_mlm, shakespeare_txt, out, "--max-length", 32, "--top-k", 16, "--shard-rows", 40,
+    dump(tiny_bert_mlm, shakespeare_txt, out, "--max-length", 32, "--targets", "top-k", "--top-k", 16, "--shard-rows", 40,
          "--max-tokens-per-batch", 256)
     return out
 
@@ -73,7 +73,7 @@ def test_mlm_targets_match_direct_forward(mlm_cache, tiny_bert_mlm, shakespeare_
 
 def test_clm_targets_and_labels(tmp_path, tiny_llama_clm, shakespeare_txt):
     out = tmp_path / "cache"
-    dump(tiny_llama_clm, shakespeare_txt, out, "--max-length", 48, "--top-k", 8, "--shard-rows", 25, "--batch-size", 8)
+    dump(tiny_llama_clm, shakespeare_txt, out, "--max-length", 48, "--targets", "top-k", "--top-k", 8, "--shard-rows", 25, "--batch-size", 8)
     m = manifest(out)
     assert (m["task"], m["packing"], m["mlm_probability"]) == ("clm", True, None)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_clm).eval()
@@ -93,7 +93,7 @@ def test_clm_targets_and_labels(tmp_path, tiny_llama_clm, shakespeare_txt):
 
 def test_clm_without_packing_truncates_each_example(tmp_path, tiny_llama_clm, shakespeare_txt):
     out = tmp_path / "cache"
-    dump(tiny_llama_clm, shakespeare_txt, out, "--max-length", 12, "--top-k", 4, "--no-packing", "--limit", 40)
+    dump(tiny_llama_clm, shakespeare_txt, out, "--max-length", 12, "--targets", "top-k", "--top-k", 4, "--no-packing", "--limit", 40)
     tok = AutoTokenizer.from_pretrained(tiny_llama_clm)
     lines = shakespeare_txt.read_text().splitlines()[:40]
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_clm).eval()

@@ -32,7 +32,7 @@ def assert_one_line_error(code, stderr, *needles):
 def existing(tmp_path_factory, tiny_bert_mlm, shakespeare_txt):
     """A finished cache that the failing runs below must leave byte-for-byte alone."""
     out = tmp_path_factory.mktemp("existing") / "cache"
-    dump(tiny_bert_mlm, shakespeare_txt, out, "--max-length", 32, "--top-k", 4, "--limit", 60, "--shard-rows", 10)
+    dump(tiny_bert_mlm, shakespeare_txt, out, "--max-length", 32, "--targets", "top-k", "--top-k", 4, "--limit", 60, "--shard-rows", 10)
     return out
 
 
@@ -67,7 +67,7 @@ def test_unknown_teacher_path(capsys, shakespeare_txt, tmp_path):
 
 
 def test_top_k_beyond_vocabulary(capsys, tiny_bert_mlm, shakespeare_txt, tmp_path):
-    code, err = failing(capsys, tiny_bert_mlm, shakespeare_txt, tmp_path / "c", "--top-k", 401)
+    code, err = failing(capsys, tiny_bert_mlm, shakespeare_txt, tmp_path / "c", "--targets", "top-k", "--top-k", 401)
     assert_one_line_error(code, err, "--top-k 401", "400")
 
 
@@ -78,10 +78,10 @@ def test_max_length_beyond_teacher_limit(capsys, tiny_bert_mlm, shakespeare_txt,
 
 def test_different_cache_in_out_dir_is_refused_and_kept(capsys, existing, tiny_bert_mlm, tiny_llama_clm, shakespeare_txt):
     before = snapshot(existing)
-    code, err = failing(capsys, tiny_bert_mlm, shakespeare_txt, existing, "--max-length", 32, "--top-k", 8, "--limit", 60,
+    code, err = failing(capsys, tiny_bert_mlm, shakespeare_txt, existing, "--max-length", 32, "--targets", "top-k", "--top-k", 8, "--limit", 60,
                         "--shard-rows", 10)
     assert_one_line_error(code, err, "different cache", "k", "--overwrite")
-    code, err = failing(capsys, tiny_llama_clm, shakespeare_txt, existing, "--max-length", 32, "--top-k", 4, "--limit", 60,
+    code, err = failing(capsys, tiny_llama_clm, shakespeare_txt, existing, "--max-length", 32, "--targets", "top-k", "--top-k", 4, "--limit", 60,
                         "--shard-rows", 10)
     assert_one_line_error(code, err, "teacher.", "tokenizer.sha256")
     # --overwrite with an invalid input must not delete the old cache either

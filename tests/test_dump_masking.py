@@ -54,7 +54,7 @@ def test_recipe_is_seeded_by_seed_and_example_id(wordpiece_tokenizer, sample):
 
 
 def test_masks_do_not_depend_on_shards_or_batches_and_copies_differ(tmp_path, tiny_bert_mlm, shakespeare_txt):
-    common = ["--max-length", 32, "--top-k", 4, "--limit", 120, "--mask-copies", 3]
+    common = ["--max-length", 32, "--targets", "top-k", "--top-k", 4, "--limit", 120, "--mask-copies", 3]
     dump(tiny_bert_mlm, shakespeare_txt, tmp_path / "a", *common, "--shard-rows", 7, "--batch-size", 3)
     dump(tiny_bert_mlm, shakespeare_txt, tmp_path / "b", *common, "--shard-rows", 50, "--max-tokens-per-batch", 1024)
     a, b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")

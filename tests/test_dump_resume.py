@@ -12,7 +12,7 @@ import pytest
 from conftest import shakespeare_lines, single_thread_env
 from dump_helpers import assert_same_rows, dump, manifest, read_rows
 
-ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
+ARGS = ["--max-length", 32, "--targets", "top-k", "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_bert_mlm, corpus, refer
 
 # Sampled target kinds: the draws are keyed by (seed, example id, position), so the same rules hold.
 # The full option lists (after --out): `sample` keeps no top-k, so it takes no --top-k (refused since issue 16).
-SAMPLED = {"sample": [*ARGS[:2], *ARGS[4:], "--targets", "sample", "--samples", 16],
+SAMPLED = {"sample": [*ARGS[:2], *ARGS[6:], "--targets", "sample", "--samples", 16],
            "top-k+sample": [*ARGS, "--targets", "top-k+sample", "--samples", 16]}
 
 

@@ -15,7 +15,7 @@ from dump_helpers import assert_same_rows, dump, manifest, read_rows
 from stage2_helpers import cli_error, cli_ok
 from torchrun_helpers import torchrun
 
-DUMP = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128, "--no-progress"]
+DUMP = ["--max-length", 32, "--targets", "top-k", "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128, "--no-progress"]
 TRAIN = ["--student", "L2-H128", "--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64,
          "--device", "cpu", "--log-every", 1, "--no-progress", "--epochs", 1, "--seed", 3]
 

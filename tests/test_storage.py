@@ -55,7 +55,7 @@ def caches(tmp_path_factory, tiny_bert_mlm, s3_server):
     root = tmp_path_factory.mktemp("storage")
     (root / "lines.txt").write_text("\n".join(shakespeare_lines(160)) + "\n")
     local = root / "cache"
-    dump(tiny_bert_mlm, root / "lines.txt", local, "--max-length", 32, "--top-k", 8, "--shard-rows", 16,
+    dump(tiny_bert_mlm, root / "lines.txt", local, "--max-length", 32, "--targets", "top-k", "--top-k", 8, "--shard-rows", 16,
          "--no-progress")
     s3 = pafs.S3FileSystem(endpoint_override=s3_server)
     pafs.copy_files(str(local), f"{BUCKET}/caches/mlm", destination_filesystem=s3)
@@ -171,7 +171,7 @@ def test_bucket_problems_are_one_line_errors(caches, s3_server):
     assert "--out s3://no-such-bucket/c is not writable" in message and "bucket" in message, message
 
 
-DUMP_ARGS = ["--max-length", 32, "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
+DUMP_ARGS = ["--max-length", 32, "--targets", "top-k", "--top-k", 8, "--shard-rows", 8, "--max-tokens-per-batch", 128]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def mlm(tmp_path_factory, wordpiece_tokenizer):
     (root / "held.txt").write_text("\n".join(lines[600:]) + "\n")
     for name in ("train", "held"):
         cli_ok(["dump-logits", "--teacher", teacher, "--data", root / f"{name}.txt", "--out", root / name,
-                "--top-k", 8, "--max-length", 32, "--shard-rows", 96, "--no-progress"])
+                "--targets", "top-k", "--top-k", 8, "--max-length", 32, "--shard-rows", 96, "--no-progress"])
     return {"root": root, "teacher": teacher, "train": root / "train", "held": root / "held"}
 
 
@@ -123,7 +123,7 @@ def test_init_from_teacher_copies_embeddings_and_spaced_layers(mlm):
 def test_other_tasks_train_and_load(task, tmp_path, tiny_llama_clm, tiny_bert_cls, shakespeare_txt, sms_csv):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    teacher, data, extra = ((tiny_llama_clm, shakespeare_txt, ["--top-k", 16]) if task == "clm"
+    teacher, data, extra = ((tiny_llama_clm, shakespeare_txt, ["--targets", "top-k", "--top-k", 16]) if task == "clm"
                             else (tiny_bert_cls, sms_csv, ["--label-column", "label"]))
     cache = tmp_path / "cache"
     cli_ok(["dump-logits", "--teacher", teacher, "--data", data, "--out", cache, "--max-length", 32, "--limit", 80,

@@ -19,7 +19,7 @@ from conftest import shakespeare_lines
 from stage2_helpers import cli_ok, run_cli
 
 TINY = ["--layers", 1, "--hidden", 32, "--heads", 2, "--intermediate", 64]
-DUMP = ["--top-k", 4, "--max-length", 32, "--shard-rows", 8, "--no-progress"]
+DUMP = ["--targets", "top-k", "--top-k", 4, "--max-length", 32, "--shard-rows", 8, "--no-progress"]
 
 
 def snapshot(directory: Path) -> dict:
@@ -273,7 +273,7 @@ def test_case4_disk_full_while_writing_the_manifest_is_one_line(setup, tmp_path,
                                           ("--max-tokens-per-batch", 0)])
 def test_case5_zero_or_negative_sizes_are_refused(setup, tmp_path, option, value):
     args = ["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", tmp_path / "c",
-            "--top-k", 4, "--no-progress", option, value]
+            "--targets", "top-k", "--top-k", 4, "--no-progress", option, value]
     one_line_error(args, f"{option} must be", str(value))
     assert not (tmp_path / "c").exists()
 
@@ -328,7 +328,7 @@ def test_case8_empty_and_binary_corpora_say_what_is_wrong_with_which_file(setup,
     data = tmp_path / name
     data.write_bytes(content)
     message = one_line_error(["dump-logits", "--teacher", setup["teacher"], "--data", data, "--out", tmp_path / "c",
-                              "--top-k", 4, "--no-progress"], *needles)
+                              "--targets", "top-k", "--top-k", 4, "--no-progress"], *needles)
     assert "An error occurred while generating the dataset" not in message and "StopIteration" not in message
     assert not (tmp_path / "c").exists()
 
@@ -336,7 +336,7 @@ def test_case8_empty_and_binary_corpora_say_what_is_wrong_with_which_file(setup,
 # ------------------------------------------------------------------ issue 16, defect 6: flags the target kind ignores
 
 @pytest.mark.parametrize("flags,needles", [
-    (["--top-k", 4, "--samples", 8], ("--samples", "--targets top-k", "drop --samples")),
+    (["--targets", "top-k", "--top-k", 4, "--samples", 8], ("--samples", "--targets top-k", "drop --samples")),
     (["--targets", "top-k", "--samples", 16], ("--samples", "--targets top-k")),  # even the default value, typed
     (["--targets", "sample", "--top-k", 4], ("--top-k", "--targets sample", "drop --top-k")),
 ])
@@ -347,14 +347,30 @@ def test_i16_flags_the_chosen_target_kind_ignores_are_refused(setup, tmp_path, f
     assert not out.exists()
 
 
-def test_i16_flags_the_chosen_target_kind_uses_are_accepted(setup, tmp_path):
-    from kdcache.dump.command import _refuse_unused_target_flags, dump_logits
+def test_i16_flags_the_chosen_target_kind_uses_are_accepted():
+    from kdcache.dump.options import DumpOptions, resolve_targets
 
-    # Parsing only (the refusal is decided on what was typed): these combinations are all fine.
-    for flags in (["--targets", "sample", "--samples", "8"], ["--targets", "top-k+sample", "--top-k", "4", "--samples", "8"],
-                  ["--top-k", "4"], ["--targets", "sample"]):
-        ctx = dump_logits.make_context("dump-logits", ["--teacher", "t", "--out", "o", *flags])
-        _refuse_unused_target_flags(ctx, ctx.params["targets"])
+    # Resolution only (no teacher): these combinations are all fine, and what is left out takes the default.
+    for flags, want in (({"targets": "sample", "samples": 8}, ("sample", 0, 8)),
+                        ({"targets": "top-k+sample", "top_k": 4, "samples": 8}, ("top-k+sample", 4, 8)),
+                        ({"top_k": 4}, ("top-k+sample", 4, 16)), ({"targets": "sample"}, ("sample", 0, 16)),
+                        ({}, ("top-k+sample", 8, 16)), ({"targets": "top-k"}, ("top-k", 64, 0))):
+        opts = DumpOptions(teacher="t", data="d", out="o", **flags)
+        resolve_targets(opts, "clm")
+        assert (opts.targets, opts.top_k, opts.samples) == want, flags
+
+
+def test_defaults_for_classifiers_store_every_class_and_refuse_lm_target_flags():
+    from kdcache.dump.options import DumpOptions, resolve_targets
+    from kdcache.errors import KdcacheError
+
+    opts = DumpOptions(teacher="t", data="d", out="o")
+    resolve_targets(opts, "seq-cls")
+    assert opts.targets == "top-k"
+    for flags, needle in (({"targets": "sample"}, "--targets sample is for LM teachers"),
+                          ({"samples": 8}, "--samples is for LM teachers"), ({"top_k": 2}, "--top-k is for LM teachers")):
+        with pytest.raises(KdcacheError, match=needle):
+            resolve_targets(DumpOptions(teacher="t", data="d", out="o", **flags), "seq-cls")
 
 
 # ------------------------------------------------------------------ issue 16, defect 8: sweep's pass-through options

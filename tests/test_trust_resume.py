@@ -32,7 +32,7 @@ def test_resume_follows_the_caches_content_not_its_path(setup, tmp_path):
 
     # Another cache under the same path (re-dumped with another --top-k): refused, the checkpoint kept.
     cli_ok(["dump-logits", "--teacher", setup["teacher"], "--data", setup["corpus"], "--out", cache,
-            *[a for a in DUMP if a != 4 and a != "--top-k"], "--top-k", 2, "--overwrite"])
+            *[a for a in DUMP if a != 4 and a != "--top-k"], "--targets", "top-k", "--top-k", 2, "--overwrite"])
     checkpoint = (out / "checkpoint" / "model.safetensors").read_bytes()
     one_line_error(train_args(cache, out, "--max-steps", 3, "--resume"), f"cannot resume {out}",
                    "does not hold the cache its checkpoint was trained on", "re-dumped")

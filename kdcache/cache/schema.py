@@ -10,6 +10,7 @@ import pyarrow as pa
 from .kinds import KINDS, id_type, kind_of, smallest_uint  # noqa: F401
 from .kinds.sample import NAME as SAMPLE, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS  # noqa: F401
 from .kinds.topk import NAME as TOP_K, TOPK_IDS, TOPK_LOGPROBS  # noqa: F401
+from .kinds.topk_sample import NAME as TOP_K_SAMPLE  # noqa: F401
 
 FORMAT_VERSION = 2  # what a cache is written as unless it uses a v3 feature (format_version_for)
 # Versions every reader (train, evaluate, inspect, verify, sweep) loads. Version 1 is a top-k cache

@@ -39,14 +39,15 @@ BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare
 @click.option("--mask-copies", type=int, default=1, show_default=True, help="MLM: differently-masked views per sequence.")
 # The registry's built-in kinds (kdcache/cache/kinds/), written out so that `--help` loads no Arrow;
 # tests/test_kinds.py checks the two agree.
-@click.option("--targets", type=click.Choice(["top-k", "sample", "top-k+sample"]), default="top-k", show_default=True,
-              help="Soft targets per position: the k most probable ids (biased: drops the tail); N draws from the "
-                   "teacher's softmax stored as distinct ids with counts (unbiased); or the exact top-k plus N draws "
-                   "from the rest (unbiased, lower variance). LM tasks only; see docs/FORMAT.md.")
-@click.option("--top-k", "top_k", type=int, default=64, show_default=True,
-              help="Soft targets kept per position (top-k), or the exact head of top-k+sample (seq-cls keeps every label).")
-@click.option("--samples", type=int, default=16, show_default=True,
-              help="Draws per position for --targets sample and top-k+sample (with replacement, at T = 1).")
+@click.option("--targets", type=click.Choice(["top-k", "sample", "top-k+sample"]), default=None,
+              help="Soft targets per position: the exact top-k plus N draws from the rest (unbiased, lowest variance; "
+                   "the default for LM teachers); N draws from the teacher's softmax stored as distinct ids with counts "
+                   "(unbiased); or the k most probable ids (biased: drops the tail). Classifiers store every class. "
+                   "How to choose for a disk budget: README, docs/FORMAT.md.")
+@click.option("--top-k", "top_k", type=int, default=None,
+              help="The exact head of top-k+sample [default: 8], or the ids kept per position by top-k [default: 64].")
+@click.option("--samples", type=int, default=None,
+              help="Draws per position for --targets sample and top-k+sample (with replacement, at T = 1) [default: 16].")
 @click.option("--draw-logprobs/--no-draw-logprobs", default=True, show_default=True,
               help="--targets sample and top-k+sample: store each drawn id's teacher log-prob (default), or only its "
                    "count (format v3; 25-40 % fewer bytes on an LM teacher): trains identically at --temperature 1, but T != 1 and "
@@ -72,32 +73,14 @@ def dump_logits(no_progress, **options):
     Re-running the same command resumes after the last complete shard.
     Under torchrun, rank r dumps shards i with i % world_size == r.
     Example:
-      kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/ --top-k 32
-      kdcache dump-logits --teacher ./llama --out cache/ --targets top-k+sample --top-k 8 --samples 16
+      kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/          # top-8 + 16 draws per position
+      kdcache dump-logits --teacher ./bert --data corpus.txt --out cache/ --targets top-k --top-k 32
+      kdcache dump-logits --teacher ./llama --data corpus.txt --out cache/ --targets sample --samples 32
       kdcache dump-logits --teacher ./smollm2-instruct --data chats.jsonl --out chat-cache/   # assistant turns only
     """
     from ..progress import hide_library_progress_bars
     from .run import DumpOptions, run_dump
 
-    _refuse_unused_target_flags(click.get_current_context(), options["targets"])
     if no_progress:
         hide_library_progress_bars()
     run_dump(DumpOptions(**options, progress=not no_progress, echo=click.echo))
-
-
-def _refuse_unused_target_flags(ctx: click.Context, targets: str) -> None:
-    """A --samples or --top-k the chosen --targets does not use would be silently ignored: the user
-    meant another kind of cache. Only values given on the command line count (both have defaults)."""
-    from ..errors import KdcacheError
-
-    def given(name: str) -> bool:
-        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
-
-    from ..cache.kinds import kind_of
-    kind = kind_of(targets)
-    if not kind.draws and given("samples"):
-        raise KdcacheError("--samples sets the draws of --targets sample or top-k+sample; --targets top-k stores "
-                           "no draws: drop --samples, or pass --targets top-k+sample (or sample)")
-    if not kind.head and given("top_k"):
-        raise KdcacheError("--top-k sets the exact head of --targets top-k or top-k+sample; --targets sample stores "
-                           "draws only: drop --top-k, or pass --targets top-k+sample")

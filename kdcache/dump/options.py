@@ -18,6 +18,12 @@ from .teacher import load_model, load_teacher
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_MAX_TOKENS_PER_BATCH = 8192
+# Target defaults, from the quality tables (BENCHMARKS.md, benchmarks/quality.md): for LM teachers the exact
+# top-8 plus 16 draws from the rest trains students closest to online KD per byte, at 1, 3 and 10 epochs;
+# top-k alone is biased (it drops the tail) and needs 64+ ids to come near. Classifiers store every class.
+DEFAULT_LM_TARGETS = S.TOP_K_SAMPLE
+DEFAULT_HEAD = 8        # --top-k of top-k+sample
+DEFAULT_TOP_K = 64      # --top-k of top-k
 # Draws per position for the sampled target kinds (Anshumann et al. 2025 report near-full-KD
 # quality at ~12 unique tokens per position; 16 draws give ~6-12 distinct ids on an LM teacher).
 DEFAULT_SAMPLES = 16
@@ -37,9 +43,10 @@ class DumpOptions:
     packing: bool | None = None
     mlm_probability: float = 0.15
     mask_copies: int = 1
-    top_k: int = 64
-    targets: str = S.TOP_K
-    samples: int = DEFAULT_SAMPLES
+    # None: the default for the teacher (resolve_targets): top-k+sample 8 + 16 for LMs, every class for classifiers
+    top_k: int | None = None
+    targets: str | None = None
+    samples: int | None = None
     draw_logprobs: bool = True  # False: drawn kinds store counts without log-probs (format v3)
     dtype: str = "auto"
     device: str = "auto"
@@ -86,16 +93,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 def validate(opts: DumpOptions, dist: ProcessGroup):
     """Everything that can be wrong with the inputs, checked before anything is written."""
-    if opts.targets not in S.TARGET_KINDS:
+    if opts.targets is not None and opts.targets not in S.TARGET_KINDS:
         raise KdcacheError(f"--targets {opts.targets!r} is not a target kind; use one of {', '.join(S.TARGET_KINDS)}")
-    if opts.top_k < 1:
+    if opts.top_k is not None and opts.top_k < 1:
         raise KdcacheError(f"--top-k must be >= 1, got {opts.top_k}")
-    kind = S.kind_of(opts.targets)
-    if not opts.draw_logprobs and not kind.draws:
-        raise KdcacheError(f"--no-draw-logprobs drops the log-probs of drawn ids; --targets {opts.targets} stores no "
-                           "draws: drop --no-draw-logprobs, or pass --targets sample or top-k+sample")
-    if kind.draws and not 1 <= opts.samples <= 65535:
-        raise KdcacheError(f"--samples must be within 1..65535 for --targets {opts.targets}, got {opts.samples}")
+    if opts.samples is not None and not 1 <= opts.samples <= 65535:
+        raise KdcacheError(f"--samples must be within 1..65535, got {opts.samples}")
     if opts.shard_rows < 1:
         raise KdcacheError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
     if opts.mask_copies < 1:
@@ -119,10 +122,9 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
     dtype = resolve_dtype(opts.dtype, device)
     teacher = load_teacher(opts.teacher, task=opts.task, trust_remote_code=opts.trust_remote_code, load_weights=False)
     task = teacher.task
+    resolve_targets(opts, task)
+    kind = S.kind_of(opts.targets)
     if task == "seq-cls":
-        if opts.targets != S.TOP_K:
-            raise KdcacheError(f"--targets {opts.targets} is for LM teachers; a sequence-classification cache "
-                               "already stores every class exactly: drop --targets (or pass --targets top-k)")
         k = teacher.target_vocab_size  # the whole label set: classification targets are tiny
         packing = None
     else:
@@ -159,6 +161,35 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         if task != "seq-cls" and k > teacher.target_vocab_size:
             raise KdcacheError(f"--top-k {k} exceeds the teacher's output size {teacher.target_vocab_size}")
     return device, dtype, teacher, corpus, task, k, packing, max_length
+
+
+def resolve_targets(opts: DumpOptions, task: str) -> None:
+    """Fill the target options left out (None) with the teacher's defaults; refuse those the kind would ignore."""
+    if task == "seq-cls":
+        if opts.targets not in (None, S.TOP_K) or opts.samples is not None or opts.top_k is not None \
+                or not opts.draw_logprobs:
+            given = f"--targets {opts.targets}" if opts.targets not in (None, S.TOP_K) else \
+                ("--samples" if opts.samples is not None else "--top-k" if opts.top_k is not None else "--no-draw-logprobs")
+            raise KdcacheError(f"{given} is for LM teachers; a sequence-classification cache already stores every "
+                               f"class exactly: drop {given.split()[0]}")
+        opts.targets = S.TOP_K
+        return
+    opts.targets = opts.targets or DEFAULT_LM_TARGETS
+    kind = S.kind_of(opts.targets)
+    # A --samples or --top-k the chosen kind does not use would be silently ignored: the user meant another cache.
+    if not kind.draws and opts.samples is not None:
+        raise KdcacheError(f"--samples sets the draws of --targets sample or top-k+sample; --targets {opts.targets} "
+                           "stores no draws: drop --samples, or pass --targets top-k+sample (or sample)")
+    if not opts.draw_logprobs and not kind.draws:
+        raise KdcacheError(f"--no-draw-logprobs drops the log-probs of drawn ids; --targets {opts.targets} stores no "
+                           "draws: drop --no-draw-logprobs, or pass --targets sample or top-k+sample")
+    if not kind.head and opts.top_k is not None:
+        raise KdcacheError(f"--top-k sets the exact head of --targets top-k or top-k+sample; --targets {opts.targets} "
+                           "stores draws only: drop --top-k, or pass --targets top-k+sample")
+    if opts.top_k is None:
+        opts.top_k = (DEFAULT_HEAD if kind.draws else DEFAULT_TOP_K) if kind.head else 0
+    if opts.samples is None:
+        opts.samples = DEFAULT_SAMPLES if kind.draws else 0
 
 
 def check_chat(opts: DumpOptions, dist: ProcessGroup, teacher, task: str, corpus) -> bool:
