@@ -158,7 +158,7 @@ def test_temperature_other_than_1_is_refused(caches, tmp_path, capsys):
 
 
 def test_top_k_refuses_the_option(tiny_llama_clm, shakespeare_txt, tmp_path, capsys):
-    code, _, err = dump(tiny_llama_clm, shakespeare_txt, tmp_path / "c", *COMMON, "--no-draw-logprobs",
+    code, _, err = dump(tiny_llama_clm, shakespeare_txt, tmp_path / "c", *COMMON, "--targets", "top-k", "--no-draw-logprobs",
                         capsys=capsys, check=False)
     assert code != 0 and one_line_error(err) and "--no-draw-logprobs" in err, err
     assert not (tmp_path / "c" / "manifest.json").exists()
