@@ -131,6 +131,7 @@ class CacheManifest:
     complete: bool = False
     num_shards: int | None = None
     shards: tuple = ()           # shard entries, ordered by index
+    select_positions: float | None = None  # format v3: fraction of each row's targets with soft targets
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -161,6 +162,7 @@ def view(manifest: dict | CacheManifest, where="the cache") -> CacheManifest:
             complete=bool(manifest.get("complete", False)),
             num_shards=manifest.get("num_shards"),
             shards=tuple(sorted(manifest.get("shards") or [], key=lambda s: s["index"])),
+            select_positions=targets["select_positions"],
             raw=manifest,
         )
     except (KeyError, TypeError, ValueError) as e:

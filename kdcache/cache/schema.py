@@ -11,10 +11,11 @@ from .kinds import KINDS, id_type, kind_of, smallest_uint  # noqa: F401
 from .kinds.sample import NAME as SAMPLE, SAMPLE_COUNTS, SAMPLE_IDS, SAMPLE_LENGTHS, SAMPLE_LOGPROBS  # noqa: F401
 from .kinds.topk import NAME as TOP_K, TOPK_IDS, TOPK_LOGPROBS  # noqa: F401
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # what a cache using no version-3 feature is written as (byte-identical to before v3)
 # Versions every reader (train, evaluate, inspect, verify, sweep) loads. Version 1 is a top-k cache
 # without the manifest's `targets` key and the sampled columns; its shards are byte-compatible.
-READABLE_FORMAT_VERSIONS = (1, 2)
+# Version 3: a v2 cache plus a feature older readers would misread (see format_version_for).
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 TASKS = ("mlm", "clm", "seq-cls")
 
@@ -26,6 +27,11 @@ POSITIONS = "positions"
 LABELS = "labels"
 # Optional column: written only for sentence-pair classification (BERT segment ids).
 TOKEN_TYPE_IDS = "token_type_ids"
+# Optional column (format v3, `dump-logits --select-positions`): one bool per target position, True where
+# the position has soft targets; the kind's columns then hold entries for the True positions only.
+SOFT_MASK = "soft_mask"
+# The selection criterion recorded in the manifest's targets (part of the cache identity).
+SELECT_BY_ENTROPY = "entropy"
 
 # Columns of every cache, whatever its target kind (soft_target_columns adds the kind's own).
 REQUIRED_COLUMNS = (EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS)
@@ -61,12 +67,39 @@ PARQUET_COMPRESSION_LEVEL = 3
 DEFAULT_ROW_GROUP_ROWS = 256
 
 
+def format_version_for(targets: dict) -> int:
+    """The format version a cache with these manifest `targets` is written as: 3 if it uses a v3 feature
+    (older readers must refuse it), else 2, so a cache without one stays readable by older kdcache."""
+    if targets.get("select_positions") is not None:  # soft columns hold only the selected positions
+        return 3
+    return FORMAT_VERSION
+
+
 def targets_of(manifest: dict) -> dict:
-    """{kind, k, samples} of a cache; a v1 manifest (no `targets`) is a top-k cache of width `k`."""
+    """{kind, k, samples, select_positions} of a cache; a v1 manifest (no `targets`) is a top-k cache of
+    width `k`. select_positions: the fraction of each row's targets with soft targets (None: all)."""
     targets = manifest.get("targets")
     if targets is None:
-        return {"kind": TOP_K, "k": int(manifest["k"]), "samples": 0}
-    return {"kind": targets["kind"], "k": int(targets["k"]), "samples": int(targets["samples"])}
+        return {"kind": TOP_K, "k": int(manifest["k"]), "samples": 0, "select_positions": None}
+    select = targets.get("select_positions")
+    return {"kind": targets["kind"], "k": int(targets["k"]), "samples": int(targets["samples"]),
+            "select_positions": None if select is None else float(select)}
+
+
+def selected_counts(fraction: float | None, targets_per_row):
+    """Soft-target positions per row under --select-positions: ceil(fraction × targets in the row), with
+    the fraction read as the decimal the manifest writes (0.7 is 7/10, so 0.7 × 10 keeps exactly 7;
+    float arithmetic would keep 8). Every row with a target keeps at least one. None: all of them."""
+    import numpy as np
+    from fractions import Fraction
+
+    n = np.asarray(targets_per_row, dtype=np.int64)
+    if fraction is None:
+        return n
+    exact = Fraction(repr(float(fraction)))
+    if exact.denominator > 2**20:  # many decimals (dump-logits refuses them): Python ints cannot overflow
+        return np.array([-(-int(x) * exact.numerator // exact.denominator) for x in n], dtype=np.int64)
+    return -(-n * exact.numerator // exact.denominator)  # integer ceil: no float rounding
 
 
 def describe_targets(manifest: dict) -> str:
@@ -82,11 +115,14 @@ def soft_target_columns(kind: str) -> tuple[str, ...]:
 def arrow_schema(
     *, k: int, vocab_size: int, max_length: int, target_vocab_size: int | None = None,
     with_token_type_ids: bool = False, kind: str = TOP_K, samples: int = 0, format_version: int = FORMAT_VERSION,
+    soft_mask: bool = False,
 ) -> pa.Schema:
     """Schema of every shard of one cache.
 
     kind/samples: the target kind and draws per position (sampled kinds); the kind's own fields
     (kdcache/cache/kinds/) sit between positions and labels.
+    soft_mask: a selected cache (format v3): soft_mask sits after positions, and the kind's fields
+    hold entries for the selected positions only.
 
     vocab_size: the tokenizer's vocabulary (input_ids).
     target_vocab_size: the size of the teacher's output space (topk_ids): the vocabulary for
@@ -102,6 +138,8 @@ def arrow_schema(
         pa.field(INPUT_IDS, pa.list_(token), nullable=False),
         pa.field(POSITIONS, pa.list_(position), nullable=False),
     ]
+    if soft_mask:
+        fields.append(pa.field(SOFT_MASK, pa.list_(pa.bool_()), nullable=False))
     fields += kind_of(kind).fields(k=k, samples=samples, target=target)
     fields.append(pa.field(LABELS, pa.list_(pa.int32()), nullable=False))
     if with_token_type_ids:
@@ -136,6 +174,7 @@ def schema_for_manifest(manifest: dict) -> pa.Schema:
         max_length=manifest["max_length"],
         target_vocab_size=manifest.get("target_vocab_size", manifest["vocab_size"]),
         with_token_type_ids=manifest.get("token_type_ids", False),
+        soft_mask=targets["select_positions"] is not None,
     )
 
 

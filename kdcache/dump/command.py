@@ -47,6 +47,9 @@ BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare
               help="Soft targets kept per position (top-k), or the exact head of top-k+sample (seq-cls keeps every label).")
 @click.option("--samples", type=int, default=16, show_default=True,
               help="Draws per position for --targets sample and top-k+sample (with replacement, at T = 1).")
+@click.option("--select-positions", "select_positions", type=float, default=None, metavar="FRACTION",
+              help="Soft targets only at this fraction of each row's targets, those where the teacher's entropy is "
+                   "highest (ceil per row); hard labels elsewhere. Writes format version 3. Default: every target.")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Teacher precision; auto = fp16 on CUDA, fp32 on CPU. Log-softmax is always fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -40,6 +40,7 @@ class DumpOptions:
     top_k: int = 64
     targets: str = S.TOP_K
     samples: int = DEFAULT_SAMPLES
+    select_positions: float | None = None  # soft targets at this fraction of each row's targets (None: all)
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int | None = None
@@ -92,6 +93,8 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
     kind = S.kind_of(opts.targets)
     if kind.draws and not 1 <= opts.samples <= 65535:
         raise KdcacheError(f"--samples must be within 1..65535 for --targets {opts.targets}, got {opts.samples}")
+    if opts.select_positions is not None:
+        check_select_positions(opts.select_positions)
     if opts.shard_rows < 1:
         raise KdcacheError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
     if opts.mask_copies < 1:
@@ -119,6 +122,9 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         if opts.targets != S.TOP_K:
             raise KdcacheError(f"--targets {opts.targets} is for LM teachers; a sequence-classification cache "
                                "already stores every class exactly: drop --targets (or pass --targets top-k)")
+        if opts.select_positions is not None:
+            raise KdcacheError("--select-positions picks positions within a row, and a sequence-classification row "
+                               "has one target: drop --select-positions for --task seq-cls")
         k = teacher.target_vocab_size  # the whole label set: classification targets are tiny
         packing = None
     else:
@@ -155,6 +161,18 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         if task != "seq-cls" and k > teacher.target_vocab_size:
             raise KdcacheError(f"--top-k {k} exceeds the teacher's output size {teacher.target_vocab_size}")
     return device, dtype, teacher, corpus, task, k, packing, max_length
+
+
+def check_select_positions(fraction: float) -> None:
+    """0 < FRACTION <= 1, with at most 6 decimals (the per-row count is exact decimal arithmetic)."""
+    from fractions import Fraction
+
+    if not 0 < fraction <= 1:
+        raise KdcacheError(f"--select-positions must be in (0, 1], got {fraction}; e.g. 0.2 keeps soft targets "
+                           "at the 20 % highest-entropy positions of each row")
+    if Fraction(repr(float(fraction))).denominator > 10**6:
+        raise KdcacheError(f"--select-positions {fraction} has more than 6 decimals; round it (e.g. "
+                           f"{round(fraction, 6)})")
 
 
 def check_chat(opts: DumpOptions, dist: ProcessGroup, teacher, task: str, corpus) -> bool:
