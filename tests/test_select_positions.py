@@ -320,3 +320,45 @@ def test_identity_resume_and_refusals(caches, tiny_llama_clm, tiny_bert_cls, sha
     positions = before["totals"]["positions"]
     assert f"soft targets at {sum(sum(r['soft_mask']) for r in read_rows(cache)):,} of them" in out
     assert f"{positions:,} target positions" in out
+
+
+def test_format_md_recipe_rebuilds_a_selected_caches_weights(caches):
+    """docs/FORMAT.md's pandas recipe (the version-3 form, with soft_mask) gives each selected position the
+    weights the loss trains with, and says which positions have none; on a v2 cache it is the v2 recipe."""
+    import pandas as pd
+
+    from kdcache.train.losses import sparse_target_weights
+
+    for (kind, selected), cache in caches.items():
+        targets = manifest(cache)["targets"]
+        n = targets["samples"]
+        df = pd.read_parquet(cache / "data").sort_values("example_id")
+        rebuilt = []  # per target: {id: weight}, or None where the row has no soft target
+        for _, row in df.iterrows():  # FORMAT.md, "Reading a cache"
+            chosen = (np.flatnonzero(row["soft_mask"]) if "soft_mask" in row else np.arange(len(row["positions"])))
+            assert ("soft_mask" in row) == selected
+            split = np.cumsum(row["sample_lengths"])[:-1]
+            sample_ids, sample_counts = np.split(row["sample_ids"], split), np.split(row["sample_counts"], split)
+            per_position = [None] * len(row["positions"])
+            for j, p in enumerate(chosen):
+                ids, counts = sample_ids[j], sample_counts[j].astype(np.float64)
+                if targets["kind"] == "sample":
+                    weights = {int(i): c / n for i, c in zip(ids, counts)}
+                else:
+                    head_p = np.exp(row["topk_logprobs"][j].astype(np.float64))
+                    tail = max(0.0, 1.0 - head_p.sum())
+                    weights = {int(i): float(w) for i, w in zip(row["topk_ids"][j], head_p)}
+                    weights.update({int(i): tail * c / n for i, c in zip(ids, counts)})
+                per_position[p] = weights
+            rebuilt += per_position
+        from_loss = []
+        for batch in CacheStream(cache, batch_size=8, shuffle=False):
+            w, _ = sparse_target_weights(batch["topk_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
+            mask = batch.get("soft_mask", torch.ones(len(w), dtype=torch.bool))
+            for ids, ws, m in zip(batch["topk_ids"].tolist(), w.tolist(), mask.tolist()):
+                from_loss.append({i: x for i, x in zip(ids, ws) if x > 0} if m else None)
+        assert len(rebuilt) == len(from_loss) == manifest(cache)["totals"]["positions"]
+        for a, b in zip(rebuilt, from_loss):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-9 for i in a)
