@@ -187,6 +187,14 @@ def test_loss_per_target_alpha(alpha):
     # Reported: the CE over every label (as today), the KD over the selected targets.
     assert torch.allclose(out.hard, today.hard)
 
+    # The piece-by-piece API (README): with soft_mask, the KD sum is over the selected rows, the CE over all.
+    from kdcache.train.losses import sparse_kd_and_ce
+    kd, ce = sparse_kd_and_ce(z0, batch["labels"], padded)
+    kd_sel, _ = sparse_kd_and_ce(z0[mask], batch["labels"][mask], {k: v[mask] if torch.is_tensor(v) else v
+                                                                   for k, v in batch.items()})
+    _, ce_all = sparse_kd_and_ce(z0, batch["labels"])
+    assert torch.allclose(kd, kd_sel) and torch.allclose(ce, ce_all)
+
     # The rest-bucket tail (top-k targets) follows the same rule with plain autograd.
     if alpha == 0.5:
         topk = {"topk_ids": padded["topk_ids"][:, :2], "topk_logprobs": padded["topk_logprobs"][:, :2],

@@ -155,7 +155,9 @@ def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | No
     """(KD sum, hard-label CE sum) against the cached soft targets, fused in one pass.
 
     soft: the batch's cached targets for these rows ({"topk_ids", "topk_logprobs"} and, for the
-    sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0).
+    sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0). From a
+    selected cache, include its "soft_mask": the KD sum is then over the selected targets (and the CE over
+    all, unweighted; DistillLoss's per-target alpha is selected_kd_and_ce).
     Every target kind works (see `sparse_target_weights`). labels: (N,), -1 = unknown.
     """
     known = (labels >= 0).unsqueeze(-1).to(logits.dtype)
@@ -163,9 +165,20 @@ def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | No
     if soft is None:
         kd, hard, _ = _SparseTargetCE.apply(logits, None, None, None, labels_at, known, 1.0)
         return hard.new_zeros(()), hard
-    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(logits.dtype), soft.get("target_counts"),
-                                     int(soft.get("target_head", 0)), temperature)
+    w, log_w = _soft_weights(soft, logits.dtype, temperature)
     return _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at, known, float(temperature))[:2]
+
+
+def _soft_weights(soft: dict, dtype, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_target_weights of a batch's soft targets; with soft_mask (a selected cache) the unselected
+    rows, which hold only padding (their weights come out NaN), get none: no KD there."""
+    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(dtype), soft.get("target_counts"),
+                                     int(soft.get("target_head", 0)), temperature)
+    mask = soft.get("soft_mask")
+    if mask is not None:
+        selected = mask.unsqueeze(-1)
+        w, log_w = torch.where(selected, w, 0.0), torch.where(selected, log_w, 0.0)
+    return w, log_w
 
 
 def selected_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict, soft_mask: torch.Tensor,
@@ -175,11 +188,7 @@ def selected_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict, s
     CE (1 - alpha) times and an unselected one's once: alpha·KD/N + weighted CE/labelled is the loss."""
     known = labels >= 0
     labels_at = labels.clamp(min=0).unsqueeze(-1)
-    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(logits.dtype), soft.get("target_counts"),
-                                     int(soft.get("target_head", 0)), temperature)
-    # Unselected rows hold only padding (their weights come out NaN): no KD there.
-    selected = soft_mask.unsqueeze(-1)
-    w, log_w = torch.where(selected, w, 0.0), torch.where(selected, log_w, 0.0)
+    w, log_w = _soft_weights({**soft, "soft_mask": soft_mask}, logits.dtype, temperature)
     label_weights = (known & soft_mask).to(logits.dtype) * (1 - alpha) + (known & ~soft_mask).to(logits.dtype)
     kd, hard, ce = _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at,
                                          label_weights.unsqueeze(-1), float(temperature))
