@@ -370,3 +370,30 @@ def test_format_md_recipe_rebuilds_a_selected_caches_weights(caches):
             assert (a is None) == (b is None)
             if a is not None:
                 assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-9 for i in a)
+
+
+def test_chat_rows_top_k_and_batching_independence(tmp_path_factory, capsys):
+    """Chat rows (assistant spans: positions with gaps), the top-k kind: the selection and its soft targets
+    do not depend on how rows are batched, and equal the unselected dump's at the selected positions."""
+    from chat_helpers import CHATML_SMOLLM2, CONVERSATIONS, chat_teacher, train_chat_tokenizer, write_jsonl
+
+    root = tmp_path_factory.mktemp("chat_select")
+    teacher = chat_teacher(root / "teacher", train_chat_tokenizer(), CHATML_SMOLLM2)
+    data = write_jsonl(root / "chats.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    caches = {}
+    for name, extra in (("full", []), ("selected", ["--select-positions", 0.3]),
+                        ("batched", ["--select-positions", 0.3, "--max-tokens-per-batch", 96])):
+        caches[name] = root / name
+        dump(teacher, data, caches[name], "--top-k", 4, *extra, capsys=capsys)
+    full, sel, batched = (read_rows(caches[name]) for name in ("full", "selected", "batched"))
+    assert len(sel) == len(CONVERSATIONS)
+    for a, b, c in zip(full, sel, batched):
+        assert b["soft_mask"] == c["soft_mask"]
+        np.testing.assert_array_equal(b["topk_ids"], c["topk_ids"])
+        np.testing.assert_array_equal(b["topk_logprobs"], c["topk_logprobs"])
+        mask = np.array(b["soft_mask"], dtype=bool)
+        assert mask.sum() == math.ceil(Fraction(3, 10) * len(b["positions"]))
+        np.testing.assert_array_equal(b["topk_ids"], a["topk_ids"][mask])
+        np.testing.assert_array_equal(b["topk_logprobs"], a["topk_logprobs"][mask])
+    code, _, err = run_cli(["verify", caches["batched"]], capsys)
+    assert code == 0, err

@@ -103,9 +103,12 @@ def selected_counts(fraction: float | None, targets_per_row):
 
 
 def describe_targets(manifest: dict) -> str:
-    """"top-64", "16 samples", "top-8 + 16 samples"."""
+    """"top-64", "16 samples", "top-8 + 16 samples"; a selected cache adds "at 20 % of positions"."""
     targets = targets_of(manifest)
-    return kind_of(targets["kind"]).describe(targets["k"], targets["samples"])
+    text = kind_of(targets["kind"]).describe(targets["k"], targets["samples"])
+    if targets["select_positions"] is not None:
+        text += f" at {targets['select_positions'] * 100:g} % of positions"
+    return text
 
 
 def soft_target_columns(kind: str) -> tuple[str, ...]:
