@@ -275,12 +275,12 @@ def test_version_1_caches_still_work_and_unknown_versions_are_refused(caches, tm
     assert code == 0 and json.loads(out)["kl"] > 0, err
 
     m = manifest(v1)
-    m["format_version"] = 3
+    m["format_version"] = 4  # 3 is read since token selection: the next one is unknown
     (v1 / "manifest.json").write_text(json.dumps(m))
     for args in (["verify", v1], ["inspect", v1], ["evaluate", "--model", student, "--cache", v1],
                  ["train-student", "--cache", v1, "--student", "L2-H128", "--out", tmp_path / "s3"]):
         code, _, err = run_cli(args, capsys)
-        assert code != 0 and "format version 3" in err and one_line_error(err), (args, err)
+        assert code != 0 and "format version 4" in err and one_line_error(err), (args, err)
 
 
 def test_sweep_and_report_on_sampled_caches(caches, tmp_path, capsys):
