@@ -261,6 +261,7 @@ def _tamper(cache, edit):
     ("count", "a row selects 8 of its 32 positions, --select-positions 0.2 keeps 7"),
     ("length", "soft_mask does not have one entry per position"),
     ("soft", "sample_lengths does not have one entry per selected position"),
+    ("head", "topk_ids does not have one entry per selected position"),
 ])
 def test_verify_and_the_stream_catch_a_tampered_selection(caches, tmp_path, capsys, damage, message):
     cache = tmp_path / "cache"
@@ -273,15 +274,17 @@ def test_verify_and_the_stream_catch_a_tampered_selection(caches, tmp_path, caps
             mask[mask.index(False)] = True
         elif damage == "length":
             mask.append(False)
-        else:  # one soft position too many in the kind's per-position column
+        elif damage == "soft":  # one soft position too many in the kind's per-position columns
             c["sample_lengths"][0].append(0)
+        else:
+            c["topk_ids"][0].append(c["topk_ids"][0][0])
+            c["topk_logprobs"][0].append(c["topk_logprobs"][0][0])
     _tamper(cache, edit)
     code, _, err = run_cli(["verify", cache], capsys)
     assert code != 0 and message in err and "part-00000" in err and one_line_error(err), err
-    if damage != "soft":  # the read-time check (soft_mask against the rounding rule) refuses it too
-        from kdcache.errors import KdcacheError
-        with pytest.raises(KdcacheError, match="part-00000"):
-            list(CacheStream(cache, batch_size=4, shuffle=False))
+    from kdcache.errors import KdcacheError
+    with pytest.raises(KdcacheError, match="part-00000"):  # the stream's read-time checks refuse it too
+        list(CacheStream(cache, batch_size=4, shuffle=False))
 
 
 def test_mlm_selection(tiny_bert_mlm, shakespeare_txt, tmp_path, capsys):

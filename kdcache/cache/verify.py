@@ -38,6 +38,10 @@ def check_rows(table: pa.Table, manifest: CacheManifest) -> str | None:
             problem, n_pos = check_soft_mask(table, manifest, n_pos)  # the kind's entries: selected targets only
             if problem:
                 return problem
+            for name in kind.per_position:  # else decoding would pair soft targets with the wrong positions
+                if name in names and not np.array_equal(
+                        np.diff(table.column(name).combine_chunks().offsets.to_numpy()), n_pos):
+                    return f"{name} does not have one entry per selected position (soft_mask)"
         return kind.read_check(table, manifest, n_pos)
     return None
 
