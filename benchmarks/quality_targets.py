@@ -15,7 +15,8 @@ Needs a finished pipeline run: `make quickstart` (pipeline 1) or `python3 pipeli
         --targets top-k:8,top-k:64,sample:16,top-k+sample:8:16 --epochs 1,3
     python3 benchmarks/quality_targets.py --pipeline runs/masked_lm-small --student L3-H384-init --targets top-k:64,sample:16
 
-Target specs: `top-k:K`, `sample:N`, `top-k+sample:K:N`. Caches and runs are kept in --workdir and
+Target specs: `top-k:K`, `sample:N`, `top-k+sample:K:N`; `@F` after any of them dumps with
+`--select-positions F` (e.g. `top-k+sample:8:16@0.2`; its bytes / position are then per corpus token). Caches and runs are kept in --workdir and
 reused, so an interrupted table resumes and a second call with more specs only adds rows.
 """
 from __future__ import annotations
@@ -40,33 +41,38 @@ class Targets:
     kind: str
     k: int | None = None
     samples: int | None = None
+    select: float | None = None  # --select-positions (token selection), None: every position
 
     @classmethod
     def parse(cls, spec: str) -> "Targets":
+        spec, _, select = spec.partition("@")
         kind, _, rest = spec.partition(":")
         numbers = [int(x) for x in rest.split(":") if x]
+        fraction = float(select) if select else None
         if kind == "top-k" and len(numbers) == 1:
-            return cls(kind, k=numbers[0])
+            return cls(kind, k=numbers[0], select=fraction)
         if kind == "sample" and len(numbers) == 1:
-            return cls(kind, samples=numbers[0])
+            return cls(kind, samples=numbers[0], select=fraction)
         if kind == "top-k+sample" and len(numbers) == 2:
-            return cls(kind, k=numbers[0], samples=numbers[1])
-        sys.exit(f"error: target spec {spec!r}: use top-k:K, sample:N or top-k+sample:K:N")
+            return cls(kind, k=numbers[0], samples=numbers[1], select=fraction)
+        sys.exit(f"error: target spec {spec!r}: use top-k:K, sample:N or top-k+sample:K:N, optionally @FRACTION")
 
     @classmethod
     def of_manifest(cls, manifest: dict) -> "Targets":
         from kdcache.cache.schema import targets_of
         t = targets_of(manifest)
-        return cls(t["kind"], k=t["k"] or None, samples=t["samples"] or None)
+        return cls(t["kind"], k=t["k"] or None, samples=t["samples"] or None, select=t.get("select_positions"))
 
     @property
     def label(self) -> str:
-        return {"top-k": f"top-{self.k}", "sample": f"sample N={self.samples}",
-                "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind]
+        label = {"top-k": f"top-{self.k}", "sample": f"sample N={self.samples}",
+                 "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind]
+        return label if self.select is None else f"{label}, soft at {self.select * 100:g} % of positions"
 
     @property
     def slug(self) -> str:
-        return {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind]
+        slug = {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind]
+        return slug if self.select is None else f"{slug}-sel{self.select:g}"
 
     def dump_args(self) -> list:
         args = ["--targets", self.kind]
@@ -74,6 +80,8 @@ class Targets:
             args += ["--top-k", self.k]
         if self.samples is not None:
             args += ["--samples", self.samples]
+        if self.select is not None:
+            args += ["--select-positions", self.select]
         return args
 
 
