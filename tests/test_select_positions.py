@@ -186,6 +186,11 @@ def test_loss_per_target_alpha(alpha):
     assert torch.isfinite(out.loss) and math.isfinite(float(out.kd))
     # Reported: the CE over every label (as today), the KD over the selected targets.
     assert torch.allclose(out.hard, today.hard)
+    # The output layer in chunks of 5 targets (under checkpointing) gives the same loss and gradient.
+    z = z0.clone().requires_grad_(True)
+    chunked = DistillLoss(alpha=alpha, chunk_elements=5 * v)(z, lambda h: h, padded)
+    chunked.loss.backward()
+    assert torch.allclose(chunked.loss, out.loss, rtol=1e-12) and torch.allclose(z.grad, g, rtol=1e-10, atol=1e-15)
 
     # The piece-by-piece API (README): with soft_mask, the KD sum is over the selected rows, the CE over all.
     from kdcache.train.losses import sparse_kd_and_ce
