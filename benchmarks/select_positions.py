@@ -5,8 +5,10 @@ A real teacher (SmolLM2-135M-Instruct, from pipelines/teachers.py, or --teacher 
 of Tiny Shakespeare as packed causal-LM rows, for each target kind at each fraction (off = every position).
 Per cache: bytes on disk per corpus token (file bytes / every target position) and per selected position,
 the share of the soft-target columns, the teacher's mean entropy at the selected and unselected positions
-(from the dump's own selection: a check that it picks the high-entropy ones), and the dump's wall time
-(one process, CPU, the teacher's forward dominating).
+(from the dump's own selection: a check that it picks the high-entropy ones), the dump's wall time
+(one process, CPU, the teacher's forward dominating), and stage two's stream over the cache: every target
+position (selected or not) per CPU-second, median of --rounds, and its ratio to the unselected cache's.
+Complete caches in --work are reused (their dump time read from the manifest).
 
     nice python benchmarks/select_positions.py [--teacher DIR] [--chars 60000] [--max-length 256] [--work DIR]
 """
@@ -32,6 +34,9 @@ FRACTIONS = {"top-k+sample 8 + 16": (None, 0.5, 0.2, 0.1), "sample N=32": (None,
 def dump(teacher: Path, corpus: Path, out: Path, max_length: int, kind: dict, fraction) -> float:
     from kdcache.dump.run import DumpOptions, run_dump
 
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+        return json.loads(manifest.read_text())["dump"]["seconds"]
     start = time.perf_counter()
     run_dump(DumpOptions(teacher=str(teacher), data=str(corpus), out=out, task="clm", max_length=max_length,
                          device="cpu", dtype="fp32", batch_size=8, shard_rows=256, progress=False,
@@ -76,12 +81,29 @@ def entropies(teacher: Path, cache: Path) -> tuple[float, float]:
     return float(np.concatenate(chosen).mean()), float(np.concatenate(rest).mean()) if any(len(r) for r in rest) else float("nan")
 
 
+def stream_rate(cache: Path, rounds: int) -> float:
+    """Target positions per CPU-second of one in-process pass of stage two's stream (decode, read-time
+    checks, collate), median of `rounds` fresh passes."""
+    import statistics
+
+    from kdcache.cache.stream import CacheStream, open_cache
+    opened = open_cache(cache)
+    rates = []
+    for _ in range(rounds):
+        start, n = time.process_time(), 0
+        for batch in CacheStream(opened, batch_size=32, shuffle=False):
+            n += batch["labels"].shape[0]
+        rates.append(n / (time.process_time() - start))
+    return statistics.median(rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None, help="model dir (default: pipelines/teachers.py's SmolLM2)")
     parser.add_argument("--chars", type=int, default=60000)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     import torch
     torch.set_num_threads(2)
@@ -98,9 +120,11 @@ def main() -> None:
     print(f"teacher {args.teacher}, {args.chars:,} chars of Tiny Shakespeare, packed CLM rows of {args.max_length}, "
           f"fp32 CPU; work {work}\n")
     print("| kind | --select-positions | positions | selected | B per corpus token | B per selected position "
-          "| soft columns, B per corpus token | entropy selected / unselected (nats) | dump s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| soft columns, B per corpus token | entropy selected / unselected (nats) | dump s "
+          "| stream, positions per CPU-s (÷ off) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, kind in KINDS.items():
+        off = None
         for fraction in FRACTIONS[name]:
             out = work / f"{kind['targets']}-{fraction}"
             seconds = dump(args.teacher, corpus, out, args.max_length, kind, fraction)
@@ -112,8 +136,11 @@ def main() -> None:
                 import pyarrow.parquet as pq
                 selected = sum(sum(x) for x in pq.read_table(out / "data", columns=["soft_mask"]).column(0).to_pylist())
                 ent = "{:.2f} / {:.2f}".format(*entropies(args.teacher, out))
+            rate = stream_rate(out, args.rounds)
+            off = off or rate
             print(f"| {name} | {fraction or 'off'} | {positions:,} | {selected:,} | {total / positions:.2f} | "
-                  f"{total / selected:.2f} | {soft_bytes(out) / positions:.2f} | {ent} | {seconds:.0f} |", flush=True)
+                  f"{total / selected:.2f} | {soft_bytes(out) / positions:.2f} | {ent} | {seconds:.0f} "
+                  f"| {rate:,.0f} ({rate / off:.2f}) |", flush=True)
 
 
 if __name__ == "__main__":
