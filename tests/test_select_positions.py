@@ -129,6 +129,9 @@ def test_stream_batches_pad_unselected_targets(caches):
                 assert torch.equal(b[key][mask], a[key][mask][:, :width])
             assert (b["topk_logprobs"][~mask] == float("-inf")).all()
             assert (b["target_counts"][~mask] == 0).all() and (b["topk_ids"][~mask] == 0).all()
+    # --alpha 0 reads neither the soft targets nor soft_mask.
+    batch = next(iter(CacheStream(caches["sample", True], batch_size=4, soft_targets=False)))
+    assert not {"topk_ids", "topk_logprobs", "target_counts", "soft_mask"} & batch.keys()
 
 
 def _batch(n=12, v=30, width=5, seed=0):
