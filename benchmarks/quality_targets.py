@@ -16,7 +16,9 @@ Needs a finished pipeline run: `make quickstart` (pipeline 1) or `python3 pipeli
     python3 benchmarks/quality_targets.py --pipeline runs/masked_lm-small --student L3-H384-init --targets top-k:64,sample:16
 
 Target specs: `top-k:K`, `sample:N`, `top-k+sample:K:N`; `:counts` after a sampled spec (`sample:32:counts`)
-dumps it with --no-draw-logprobs (format v3: the same student at T = 1, fewer bytes). Caches and runs are kept in --workdir and
+dumps it with --no-draw-logprobs (format v3: the same student at T = 1, fewer bytes); `@F` after any of them
+dumps with `--select-positions F` (e.g. `top-k+sample:8:16@0.2`; its bytes / position are then per corpus
+token). Caches and runs are kept in --workdir and
 reused, so an interrupted table resumes and a second call with more specs only adds rows.
 """
 from __future__ import annotations
@@ -42,40 +44,46 @@ class Targets:
     k: int | None = None
     samples: int | None = None
     draw_logprobs: bool = True  # False: `:counts`, dumped with --no-draw-logprobs
+    select: float | None = None  # --select-positions (token selection), None: every position
 
     @classmethod
     def parse(cls, spec: str) -> "Targets":
+        spec, _, select = spec.partition("@")
         kind, _, rest = spec.partition(":")
         parts = [x for x in rest.split(":") if x]
         counts_only = kind != "top-k" and parts[-1:] == ["counts"]
         numbers = [int(x) for x in parts[:-1 if counts_only else None] if x.isdigit()]
         if len(numbers) != len(parts) - counts_only:
             numbers = []  # something else than numbers: refused below
+        fraction = float(select) if select else None
         if kind == "top-k" and len(numbers) == 1:
-            return cls(kind, k=numbers[0])
+            return cls(kind, k=numbers[0], select=fraction)
         if kind == "sample" and len(numbers) == 1:
-            return cls(kind, samples=numbers[0], draw_logprobs=not counts_only)
+            return cls(kind, samples=numbers[0], draw_logprobs=not counts_only, select=fraction)
         if kind == "top-k+sample" and len(numbers) == 2:
-            return cls(kind, k=numbers[0], samples=numbers[1], draw_logprobs=not counts_only)
+            return cls(kind, k=numbers[0], samples=numbers[1], draw_logprobs=not counts_only, select=fraction)
         sys.exit(f"error: target spec {spec!r}: use top-k:K, sample:N or top-k+sample:K:N (sampled ones with "
-                 ":counts for --no-draw-logprobs)")
+                 ":counts for --no-draw-logprobs), optionally @FRACTION")
 
     @classmethod
     def of_manifest(cls, manifest: dict) -> "Targets":
         from kdcache.cache.schema import targets_of
         t = targets_of(manifest)
-        return cls(t["kind"], k=t["k"] or None, samples=t["samples"] or None, draw_logprobs=t["draw_logprobs"])
+        return cls(t["kind"], k=t["k"] or None, samples=t["samples"] or None, draw_logprobs=t["draw_logprobs"],
+                   select=t.get("select_positions"))
 
     @property
     def label(self) -> str:
-        return {"top-k": f"top-{self.k}", "sample": f"sample N={self.samples}",
-                "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind] \
+        label = {"top-k": f"top-{self.k}", "sample": f"sample N={self.samples}",
+                 "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind] \
             + ("" if self.draw_logprobs else ", counts only")
+        return label if self.select is None else f"{label}, soft at {self.select * 100:g} % of positions"
 
     @property
     def slug(self) -> str:
-        return {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind] \
+        slug = {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind] \
             + ("" if self.draw_logprobs else "c")
+        return slug if self.select is None else f"{slug}-sel{self.select:g}"
 
     def dump_args(self) -> list:
         args = ["--targets", self.kind]
@@ -85,6 +93,8 @@ class Targets:
             args += ["--samples", self.samples]
         if not self.draw_logprobs:
             args.append("--no-draw-logprobs")
+        if self.select is not None:
+            args += ["--select-positions", self.select]
         return args
 
 

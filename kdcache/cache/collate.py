@@ -15,6 +15,10 @@ Arrow `take` on nested lists), done in the DataLoader workers. A batch holds:
   target_counts (N, W) int16/int32            draws per entry: 0 for head entries and padding
   target_head  int                            how many leading columns are the exact top-k head
   Padding has log-prob -inf (weight 0 in the loss) and id 0.
+  Selected caches (format v3, `dump-logits --select-positions`) add
+  soft_mask (N,) bool                         True where the target has soft targets; the kind's tensors
+                                              still have N rows, an unselected one all padding (the loss
+                                              trains it on its label alone)
   example_id (B,) int64, num_rows, num_tokens (real, unpadded tokens)
 
 The soft targets stay narrow (int32 ids: torch has no uint16 gather; fp16 log-probs as cached)
@@ -28,7 +32,10 @@ import torch
 
 from .kinds import TargetKind, kind_for_columns
 from .kinds.base import element_index, ragged
-from .schema import EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS
+from .schema import EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SOFT_MASK, TOKEN_TYPE_IDS
+
+# The kind tensors with one row per target (kinds' `batch`), and what an unselected target's row holds.
+SOFT_PADDING = {"topk_ids": 0, "topk_logprobs": float("-inf"), "target_counts": 0}
 
 
 class DecodedRows:
@@ -47,7 +54,17 @@ class DecodedRows:
         self.labels, _ = ragged(table.column(LABELS))
         # The target kind's columns (kdcache/cache/kinds/), decoded by the kind; None without them.
         self.kind = (kind or kind_for_columns(table.column_names)) if soft_targets else None
-        self.targets = self.kind.decode(table, self.target_offsets) if self.kind is not None else None
+        self.soft_mask = self.soft_index = None
+        soft_offsets = self.target_offsets
+        if self.kind is not None and SOFT_MASK in table.column_names:
+            # A selected cache: the kind's columns hold the soft_mask=True targets only; soft_index[j] is
+            # target j's place among them (-1 where unselected), soft_offsets each row's first one.
+            self.soft_mask, _ = ragged(table.column(SOFT_MASK))
+            self.soft_mask = self.soft_mask.astype(bool)
+            counted = np.concatenate([[0], np.cumsum(self.soft_mask, dtype=np.int64)])
+            self.soft_index = np.where(self.soft_mask, counted[1:] - 1, -1)
+            soft_offsets = counted[self.target_offsets]
+        self.targets = self.kind.decode(table, soft_offsets) if self.kind is not None else None
 
     def take(self, rows: np.ndarray) -> dict:
         """The flat (unpadded) parts of `rows`, in that order."""
@@ -60,7 +77,12 @@ class DecodedRows:
         if self.token_type_ids is not None:
             parts["token_type_ids"] = self.token_type_ids[tokens]
         if self.targets is not None:
-            parts.update(self.targets.take(targets))
+            if self.soft_mask is None:
+                parts.update(self.targets.take(targets))
+            else:
+                mask = self.soft_mask[targets]
+                parts.update(self.targets.take(self.soft_index[targets][mask]))
+                parts["soft_mask"] = mask
         return parts
 
 
@@ -92,11 +114,30 @@ def collate(pieces: list[tuple[DecodedRows, np.ndarray]], *, pad_id: int = 0) ->
     batch["labels"] = torch.from_numpy(parts["labels"].astype(np.int64))
     kind = pieces[0][0].kind
     if kind is not None:
-        batch.update(kind.batch(parts))
+        soft = kind.batch(parts)
+        if "soft_mask" in parts:
+            soft = _spread(soft, parts["soft_mask"])
+            batch["soft_mask"] = torch.from_numpy(parts["soft_mask"])
+        batch.update(soft)
     batch["example_id"] = torch.from_numpy(parts["example_id"])
     batch["num_rows"] = num_rows
     batch["num_tokens"] = int(token_lengths.sum())
     return batch
+
+
+def _spread(soft: dict, mask: np.ndarray) -> dict:
+    """The kind's tensors for the selected targets (rows of `mask` that are True) as N-row tensors,
+    unselected rows padded as in SOFT_PADDING (log-prob -inf: weight 0; the loss masks them anyway)."""
+    rows = np.flatnonzero(mask)
+    out = dict(soft)
+    for key, fill in SOFT_PADDING.items():
+        if key in soft:
+            # In numpy: torch's fill and masked assignment of float16/int16 on the CPU are ~10x slower.
+            value = soft[key].numpy()
+            full = np.full((len(mask), *value.shape[1:]), fill, dtype=value.dtype)
+            full[rows] = value
+            out[key] = torch.from_numpy(full)
+    return out
 
 
 def move_batch(batch: dict, device, non_blocking: bool = False) -> dict:

@@ -32,7 +32,8 @@ def inspect_cmd(cache, as_json):
 @click.argument("cache", type=click.Path())  # a folder or an s3:// (gs://, hdfs://) URI
 def verify_cmd(cache):
     """Check every shard of CACHE: checksum, row count, schema, ids < vocab, log-probs finite,
-    <= 0 and sorted; sampled targets: draw counts sum to N per position, ids distinct per position.
+    <= 0 and sorted; sampled targets: draw counts sum to N per position, ids distinct per position;
+    --select-positions caches: soft_mask selects ceil(fraction x targets) per row, one soft target each.
     Names the first bad shard and exits non-zero."""
     from tqdm.auto import tqdm
 

@@ -105,7 +105,7 @@ def read_manifest(cache_dir: Path) -> dict:
     if version not in READABLE_FORMAT_VERSIONS:
         raise KdcacheError(
             f"{path} has cache format version {version!r}, this kdcache reads versions "
-            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (writes {FORMAT_VERSION}); "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (writes {FORMAT_VERSION}, or 3 with --select-positions); "
             "re-dump with this kdcache or install the version that wrote it")
     return manifest
 
@@ -132,6 +132,7 @@ class CacheManifest:
     complete: bool = False
     num_shards: int | None = None
     shards: tuple = ()           # shard entries, ordered by index
+    select_positions: float | None = None  # format v3: fraction of each row's targets with soft targets
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -163,6 +164,7 @@ def view(manifest: dict | CacheManifest, where="the cache") -> CacheManifest:
             complete=bool(manifest.get("complete", False)),
             num_shards=manifest.get("num_shards"),
             shards=tuple(sorted(manifest.get("shards") or [], key=lambda s: s["index"])),
+            select_positions=targets["select_positions"],
             raw=manifest,
         )
     except (KeyError, TypeError, ValueError) as e:

@@ -35,23 +35,31 @@ def cache_stats(cache_dir: Path) -> dict:
     Per position: stored ids (top-k head + distinct drawn ids), teacher probability mass of the top-k
     head (`mean_topk_mass`) and outside it (`mean_tail_mass`), and mass of all stored ids together
     (`mean_stored_mass`; None for a cache without the draws' log-probs). The teacher's top-1 is its first
-    stored id (for `sample` caches, the most probable id drawn)."""
+    stored id (for `sample` caches, the most probable id drawn).
+
+    A selected cache (format v3): those per-position figures and the teacher's accuracy are over the
+    selected positions (the ones with soft targets); bytes are given per selected position and per
+    corpus token (file bytes / every target position), side by side."""
     cache_dir = location(cache_dir)  # a local folder or a bucket prefix
     manifest = read_manifest_view(cache_dir)
     kind, k = kind_of(manifest.target_kind), manifest.k
-    columns = list(kind.stored_columns(manifest.draw_logprobs)) + [S.LABELS]
+    selected = manifest.select_positions is not None
+    columns = ([S.SOFT_MASK] if selected else []) + list(kind.stored_columns(manifest.draw_logprobs)) + [S.LABELS]
     totals = {"head_mass": 0.0, "stored_mass": 0.0, "entries": 0}  # the kind adds its row groups' numbers
-    positions, labelled, correct = 0, 0, 0
+    positions, soft_positions, labelled, correct = 0, 0, 0, 0
     shards = manifest.shards
     paths = [resolve_inside(cache_dir, entry.get("file"), f"shards[{i}].file") for i, entry in enumerate(shards)]
     for entry, path in zip(shards, paths):
         for _, t in _row_groups(cache_dir, entry, path, columns):
             labels = _values(t, S.LABELS, 1)
+            positions += len(labels)
+            if selected:  # the kind's columns cover the selected positions only: so do its figures
+                labels = labels[_values(t, S.SOFT_MASK, 1).astype(bool)]
             n = len(labels)
             top1 = kind.stats(t, k, totals)
             if top1 is None:  # the teacher's top-1 is not stored: it never counts as correct
                 top1 = np.full(n, -1, np.int64)
-            positions += n
+            soft_positions += n
             known = labels >= 0
             labelled += int(known.sum())
             correct += int((top1[known] == labels[known]).sum())
@@ -59,7 +67,7 @@ def cache_stats(cache_dir: Path) -> dict:
     totals = manifest.raw.get("totals", {})
     bytes_ = totals.get("bytes", 0)
     teacher = manifest.teacher
-    mean = (lambda x: round(x / positions, 6) if positions else None)  # noqa: E731
+    mean = (lambda x: round(x / soft_positions, 6) if soft_positions else None)  # noqa: E731
     return {
         "cache": str(cache_dir),
         "format_version": manifest.raw.get("format_version"),
@@ -79,9 +87,12 @@ def cache_stats(cache_dir: Path) -> dict:
         "max_length": manifest.max_length,
         "bytes": bytes_,
         "bytes_per_position": round(bytes_ / positions, 2) if positions else None,
-        "mean_ids_per_position": round(entries / positions, 3) if positions else None,
+        **({"select_positions": manifest.select_positions, "selected_positions": soft_positions,
+            "bytes_per_selected_position": round(bytes_ / soft_positions, 2) if soft_positions else None,
+            "bytes_per_corpus_token": round(bytes_ / positions, 2) if positions else None} if selected else {}),
+        "mean_ids_per_position": round(entries / soft_positions, 3) if soft_positions else None,
         "mean_topk_mass": mean(head_mass) if kind.head else None,
-        "mean_tail_mass": round(1 - head_mass / positions, 6) if positions and kind.head else None,
+        "mean_tail_mass": round(1 - head_mass / soft_positions, 6) if soft_positions and kind.head else None,
         "mean_stored_mass": mean(stored_mass) if stored_mass == stored_mass else None,  # nan: drawn mass not stored
         "labelled_positions": labelled,
         "teacher_top1_accuracy": round(correct / labelled, 6) if labelled else None,

@@ -32,7 +32,7 @@ from .manifest import CacheManifest, read_manifest_view, resolve_inside
 from .partition import Geometry, Stage, group_order, window_order
 from .storage import ObjectPath, local_dir, location, parquet_file
 from .schema import (
-    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, TOKEN_TYPE_IDS, schema_for_manifest,
+    EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SOFT_MASK, TOKEN_TYPE_IDS, schema_for_manifest,
 )
 from .kinds import TargetKind, kind_of
 from .shards import READ_ERRORS, corrupt_shard_error, open_shard
@@ -208,6 +208,8 @@ class CacheStream(IterableDataset):
     def _columns(self) -> list[str]:
         cols = [EXAMPLE_ID, INPUT_IDS, POSITIONS, LABELS]
         if self.soft_targets:
+            if self.cache.view.select_positions is not None:
+                cols.append(SOFT_MASK)  # which targets the kind's columns cover (format v3)
             cols += list(self.cache.kind.stored_columns(self.cache.view.draw_logprobs))
         if self.cache.has_token_type_ids:
             cols.append(TOKEN_TYPE_IDS)

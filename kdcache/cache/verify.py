@@ -34,8 +34,37 @@ def check_rows(table: pa.Table, manifest: CacheManifest) -> str | None:
     if any(name in names for name in kind.columns):
         # From the offsets: pc.list_value_length on this column measured 6 ms per 32k-position row group.
         n_pos = np.diff(table.column(S.POSITIONS).combine_chunks().offsets.to_numpy())
+        if manifest.select_positions is not None:
+            problem, n_pos = check_soft_mask(table, manifest, n_pos)  # the kind's entries: selected targets only
+            if problem:
+                return problem
+            for name in kind.per_position:  # else decoding would pair soft targets with the wrong positions
+                if name in names and not np.array_equal(
+                        np.diff(table.column(name).combine_chunks().offsets.to_numpy()), n_pos):
+                    return f"{name} does not have one entry per selected position (soft_mask)"
         return kind.read_check(table, manifest, n_pos)
     return None
+
+
+def check_soft_mask(table: pa.Table, manifest: CacheManifest, n_pos: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """A selected cache's soft_mask (format v3): one bool per target in every row, and per row as many
+    True as the rounding rule keeps (schema.selected_counts). Returns (problem, selected targets per row),
+    the counts the kind's columns must have entries for. Vectorised: offsets and one cumulative sum."""
+    if S.SOFT_MASK not in table.column_names:
+        return f"column {S.SOFT_MASK} is missing from a cache made with --select-positions", n_pos
+    column = table.column(S.SOFT_MASK).combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    if not np.array_equal(np.diff(offsets), n_pos):
+        return f"{S.SOFT_MASK} does not have one entry per position", n_pos
+    mask = column.values.to_numpy(zero_copy_only=False)  # not slice-aware: the offsets index into all of it
+    counted = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    n_soft = counted[offsets[1:]] - counted[offsets[:-1]]
+    want = S.selected_counts(manifest.select_positions, n_pos)
+    if not np.array_equal(n_soft, want):
+        bad = int(np.argmax(n_soft != want))
+        return (f"a row selects {int(n_soft[bad])} of its {int(n_pos[bad])} positions, --select-positions "
+                f"{manifest.select_positions} keeps {int(want[bad])}"), n_pos
+    return None, n_soft
 
 
 def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
@@ -82,13 +111,21 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
     if int(n_pos.sum()) != entry["positions"]:
         return f"{int(n_pos.sum())} positions, manifest says {entry['positions']}"
     kind = kind_of(manifest.target_kind)
-    for col in list(kind.per_position) + [S.LABELS]:
-        if not np.array_equal(pc.list_value_length(table.column(col)).to_numpy(zero_copy_only=False), n_pos):
-            return f"{col} does not have one entry per position"
+    if not np.array_equal(pc.list_value_length(table.column(S.LABELS)).to_numpy(zero_copy_only=False), n_pos):
+        return f"{S.LABELS} does not have one entry per position"
+    n_soft = n_pos  # targets with soft targets per row: all, unless the cache selects (format v3)
+    if manifest.select_positions is not None:
+        problem, n_soft = check_soft_mask(table, manifest, n_pos)
+        if problem:
+            return problem
+    for col in kind.per_position:
+        if not np.array_equal(pc.list_value_length(table.column(col)).to_numpy(zero_copy_only=False), n_soft):
+            return (f"{col} does not have one entry per position" if manifest.select_positions is None
+                    else f"{col} does not have one entry per selected position (soft_mask)")
     input_ids = _flat(table.column(S.INPUT_IDS), 1)
     if input_ids.size and int(input_ids.max()) >= manifest.vocab_size:
         return f"input id {int(input_ids.max())} >= vocab_size {manifest.vocab_size}"
-    problem = kind.verify(table, manifest, n_pos)
+    problem = kind.verify(table, manifest, n_soft)
     if problem:
         return problem
     seq_len = pc.list_value_length(table.column(S.INPUT_IDS)).to_numpy(zero_copy_only=False)

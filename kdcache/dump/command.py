@@ -52,6 +52,9 @@ BUNDLED_CORPUS = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare
               help="--targets sample and top-k+sample: store each drawn id's teacher log-prob (default), or only its "
                    "count (format v3; 25-40 % fewer bytes on an LM teacher): trains identically at --temperature 1, but T != 1 and "
                    "evaluate's KL need the log-probs.")
+@click.option("--select-positions", "select_positions", type=float, default=None, metavar="FRACTION",
+              help="Soft targets only at this fraction of each row's targets, those where the teacher's entropy is "
+                   "highest (ceil per row); hard labels elsewhere. Writes format version 3. Default: every target.")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto", show_default=True,
               help="Teacher precision; auto = fp16 on CUDA, fp32 on CPU. Log-softmax is always fp32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -48,6 +48,7 @@ class DumpOptions:
     targets: str | None = None
     samples: int | None = None
     draw_logprobs: bool = True  # False: drawn kinds store counts without log-probs (format v3)
+    select_positions: float | None = None  # soft targets at this fraction of each row's targets (None: all)
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int | None = None
@@ -99,6 +100,8 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
         raise KdcacheError(f"--top-k must be >= 1, got {opts.top_k}")
     if opts.samples is not None and not 1 <= opts.samples <= 65535:
         raise KdcacheError(f"--samples must be within 1..65535, got {opts.samples}")
+    if opts.select_positions is not None:
+        check_select_positions(opts.select_positions)
     if opts.shard_rows < 1:
         raise KdcacheError(f"--shard-rows must be >= 1, got {opts.shard_rows}")
     if opts.mask_copies < 1:
@@ -125,6 +128,9 @@ def validate(opts: DumpOptions, dist: ProcessGroup):
     resolve_targets(opts, task)
     kind = S.kind_of(opts.targets)
     if task == "seq-cls":
+        if opts.select_positions is not None:
+            raise KdcacheError("--select-positions picks positions within a row, and a sequence-classification row "
+                               "has one target: drop --select-positions for --task seq-cls")
         k = teacher.target_vocab_size  # the whole label set: classification targets are tiny
         packing = None
     else:
@@ -190,6 +196,16 @@ def resolve_targets(opts: DumpOptions, task: str) -> None:
         opts.top_k = (DEFAULT_HEAD if kind.draws else DEFAULT_TOP_K) if kind.head else 0
     if opts.samples is None:
         opts.samples = DEFAULT_SAMPLES if kind.draws else 0
+def check_select_positions(fraction: float) -> None:
+    """0 < FRACTION <= 1, with at most 6 decimals (the per-row count is exact decimal arithmetic)."""
+    from fractions import Fraction
+
+    if not 0 < fraction <= 1:
+        raise KdcacheError(f"--select-positions must be in (0, 1], got {fraction}; e.g. 0.2 keeps soft targets "
+                           "at the 20 % highest-entropy positions of each row")
+    if Fraction(repr(float(fraction))).denominator > 10**6:
+        raise KdcacheError(f"--select-positions {fraction} has more than 6 decimals; round it (e.g. "
+                           f"{round(fraction, 6)})")
 
 
 def check_chat(opts: DumpOptions, dist: ProcessGroup, teacher, task: str, corpus) -> bool:

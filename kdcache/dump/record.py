@@ -20,12 +20,13 @@ def build_manifest(opts, teacher, corpus, *, task, k, dtype, max_length, packing
     id2label = None
     if task == "seq-cls":
         id2label = {str(i): str(v) for i, v in sorted((int(i), v) for i, v in (getattr(config, "id2label", None) or {}).items())}
+    targets = targets or {"kind": S.TOP_K, "k": k, "samples": 0}
     return {
-        "format_version": S.format_version_for(targets or {}),
+        "format_version": S.format_version_for(targets),
         "kdcache_version": __version__,
         "task": task,
         "k": k,
-        "targets": targets or {"kind": S.TOP_K, "k": k, "samples": 0},
+        "targets": targets,
         "vocab_size": teacher.vocab_size,
         "target_vocab_size": teacher.target_vocab_size,
         "num_labels": teacher.target_vocab_size if task == "seq-cls" else None,

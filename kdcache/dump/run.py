@@ -79,6 +79,8 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
     targets = {"kind": opts.targets, "k": k, "samples": opts.samples if S.kind_of(opts.targets).draws else 0}
     if not opts.draw_logprobs:  # only then: every other cache's manifest (and identity) stays as v2 wrote it
         targets["draw_logprobs"] = False
+    if opts.select_positions is not None:  # format v3; absent otherwise, so other caches stay v2 byte for byte
+        targets.update(select_positions=float(opts.select_positions), select_by=S.SELECT_BY_ENTROPY)
     manifest = build_manifest(opts, teacher, corpus, task=task, k=k, dtype=dtype, max_length=max_length,
                               packing=packing, num_shards=plan.num_shards, targets=targets)
     arrow_schema = S.schema_for_manifest(manifest)
@@ -111,7 +113,7 @@ def _run(opts: DumpOptions, dist: ProcessGroup) -> DumpResult:
 
     runner = TeacherRunner(teacher, task, k, device, pad_id=teacher.tokenizer.pad_token_id or 0,
                            kind=targets["kind"], samples=targets["samples"], seed=opts.seed,
-                           draw_logprobs=opts.draw_logprobs)
+                           draw_logprobs=opts.draw_logprobs, select_positions=opts.select_positions)
     writer = ShardWriter(out, arrow_schema, k, on_written=on_written, threads=writer_threads(device))
     total_tokens = sum(plan.shard_tokens(i) for i in mine)
     real, padded = 0, 0

@@ -8,7 +8,7 @@ from ..cache import schema as S
 from ..cache.kinds import kind_of
 from ..cache.kinds.sample import pack_draws
 from ..errors import KdcacheError
-from .targets import sampled_targets, topk_targets
+from .targets import sampled_targets, select_targets, target_entropies, topk_targets
 
 
 class TeacherRunner:
@@ -18,13 +18,17 @@ class TeacherRunner:
     kind/samples/seed: the target kind (top-k, sample, top-k+sample), draws per position and the
     seed the draws are keyed by (with each target's example id and position). draw_logprobs=False:
     the draws' log-probs are not copied to the host (the cache stores counts only; the draws are the same).
+    select_positions: soft targets only at this fraction of each row's targets, the highest-entropy ones
+    (format v3; None: at every target). The kind's targets are computed for those targets only.
     """
 
     def __init__(self, teacher, task: str, k: int, device: torch.device, pad_id: int, *,
-                 kind: str = S.TOP_K, samples: int = 0, seed: int = 0, draw_logprobs: bool = True):
+                 kind: str = S.TOP_K, samples: int = 0, seed: int = 0, draw_logprobs: bool = True,
+                 select_positions: float | None = None):
         self.model, self.task, self.k, self.device, self.pad_id = teacher.model, task, k, device, pad_id
         self.kind, self.samples, self.seed = kind, samples, seed
         self.draw_logprobs = draw_logprobs
+        self.select = select_positions
         self.pin = device.type == "cuda"
 
     def collate(self, rows) -> dict:
@@ -72,6 +76,7 @@ class TeacherRunner:
                 ids, values, finite = topk_targets(logits, None, None, self.k)  # every class, exactly
                 sampled = None
                 counts = [1] * len(rows)
+                mask = None
             else:
                 counts = [len(r.positions) for r in rows]
                 b = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
@@ -80,42 +85,71 @@ class TeacherRunner:
                 if self.pin:
                     b, p, e = b.pin_memory(), p.pin_memory(), e.pin_memory()
                 b, p, e = (t.to(self.device, non_blocking=True) for t in (b, p, e))
-                ids, values, finite, sampled = self.device_targets(logits, b, p, e)
+                if self.select is None:
+                    ids, values, finite, sampled = self.device_targets(logits, b, p, e)
+                    mask = None
+                else:
+                    ids, values, finite, sampled, mask = self.selected_targets(logits, b, p, e, counts)
             del logits  # the full-vocabulary logits stay on the device and are freed here
             host = [t.to("cpu", non_blocking=self.pin) if t is not None else None for t in (ids, values, finite)]
             if sampled is not None:
                 host.append([t.to("cpu", non_blocking=self.pin) if t is not None else None for t in sampled])
+            host_mask = mask.to("cpu", non_blocking=self.pin) if mask is not None else None
         event = None
         if self.pin:
             event = torch.cuda.Event()
             event.record()
-        return rows, counts, host, event
+        return rows, counts, host, event, host_mask
+
+    def selected_targets(self, logits, b, p, e, counts: list[int]) -> tuple:
+        """device_targets at the selected targets only, plus the finite flags of every target and the
+        (M,) mask of the selected ones: per row the ceil(fraction × targets) of highest teacher entropy."""
+        keep = S.selected_counts(self.select, counts)
+        starts = np.cumsum(counts) - np.asarray(counts, dtype=np.int64)
+        # Each row's first `keep` slots of the row-grouped, entropy-sorted order (select_targets).
+        keep_at = np.repeat(starts, keep) + (np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep))
+        keep_at = torch.from_numpy(keep_at.astype(np.int64))
+        if self.pin:
+            keep_at = keep_at.pin_memory()
+        entropy = target_entropies(logits, b, p)
+        chosen = select_targets(entropy, b, keep_at.to(self.device, non_blocking=True))
+        mask = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device).index_fill_(0, chosen, True)
+        ids, values, _, sampled = self.device_targets(logits, b[chosen], p[chosen], e[chosen])
+        # Finite at every target (entropy is NaN wherever a logit is NaN or +inf), not only the selected.
+        return ids, values, torch.isfinite(entropy), sampled, mask
 
     @staticmethod
     def finish(pending) -> tuple[list, list[int]]:
-        """[(row, topk_ids, topk_logprobs[, samples])] and the example ids whose outputs were not finite.
+        """[(row, topk_ids, topk_logprobs[, samples][, soft_mask])] and the example ids whose outputs
+        were not finite.
 
         samples (sampled kinds): (entries per position, ids, log-probs, counts), flat over the row's
-        positions in order; topk_ids/topk_logprobs are None for the `sample` kind."""
-        rows, counts, host, event = pending
+        positions in order; topk_ids/topk_logprobs are None for the `sample` kind.
+        soft_mask (selected caches only; samples is then None for top-k): the row's (n,) bools, True at the
+        selected targets; the soft parts before it cover those targets only, in position order."""
+        rows, counts, host, event, host_mask = pending
         if event is not None:
             event.synchronize()
         ids, values, finite = (t.numpy() if t is not None else None for t in host[:3])
+        mask = host_mask.numpy() if host_mask is not None else None
         sampled = len(host) > 3
         if sampled:
             lengths, flat = pack_draws(*(t.numpy() if t is not None else None for t in host[3]))
             entry_offsets = np.concatenate([[0], np.cumsum(lengths)])
-        out, bad, start = [], [], 0
+        out, bad, start, soft = [], [], 0, 0  # soft: where the row's soft parts start (= start unless selected)
         for r, n in zip(rows, counts):
             stop = start + n
-            result = (r, None if ids is None else ids[start:stop], None if values is None else values[start:stop])
+            soft_stop = soft + (int(mask[start:stop].sum()) if mask is not None else n)
+            result = (r, None if ids is None else ids[soft:soft_stop], None if values is None else values[soft:soft_stop])
             if sampled:
-                a, b = entry_offsets[start], entry_offsets[stop]
-                result += ((lengths[start:stop],) + tuple(f[a:b] if f is not None else None for f in flat),)
+                a, b = entry_offsets[soft], entry_offsets[soft_stop]
+                result += ((lengths[soft:soft_stop],) + tuple(f[a:b] if f is not None else None for f in flat),)
+            if mask is not None:
+                result += ((None,) if not sampled else ()) + (mask[start:stop],)
             out.append(result)
             if not finite[start:stop].all():
                 bad.append(r.example_id)
-            start = stop
+            start, soft = stop, soft_stop
         return out, bad
 
     def __call__(self, rows) -> tuple[list, list[int]]:

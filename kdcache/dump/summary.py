@@ -39,24 +39,30 @@ def summarize(manifest: dict, run_info: dict, out: Path) -> str:
 
 def dry_run(plan: RowPlan, manifest: dict, arrow_schema, echo) -> DumpResult:
     """Tokenize and mask everything, count, estimate size; the teacher never runs."""
-    rows = positions = tokens = 0
+    targets = S.targets_of(manifest)
+    fraction = targets["select_positions"]  # None, or soft targets at the selected positions only
+    rows = positions = soft = tokens = 0
     for shard in range(plan.num_shards):
-        for r in plan.rows(shard):
-            rows += 1
-            positions += len(r.positions)
-            tokens += len(r.input_ids)
+        shard_rows = plan.rows(shard)
+        per_row = [len(r.positions) for r in shard_rows]
+        rows += len(per_row)
+        positions += sum(per_row)
+        soft += int(S.selected_counts(fraction, per_row).sum())
+        tokens += sum(len(r.input_ids) for r in shard_rows)
     target_type = S.id_type(manifest["target_vocab_size"])
     id_bytes = target_type.bit_width // 8
     tok_bytes = arrow_schema.field(S.INPUT_IDS).type.value_type.bit_width // 8
     pos_bytes = arrow_schema.field(S.POSITIONS).type.value_type.bit_width // 8
-    targets = S.targets_of(manifest)
     draws = targets["samples"]
     options = {} if targets["draw_logprobs"] else {"draw_logprobs": False}  # only drawn kinds take it
-    per_position = S.kind_of(targets["kind"]).raw_bytes(targets["k"], draws, id_bytes, manifest["target_vocab_size"],
-                                                        **options) + pos_bytes + 4
-    estimate = positions * per_position + tokens * tok_bytes + rows * 8
+    soft_bytes = S.kind_of(targets["kind"]).raw_bytes(targets["k"], draws, id_bytes, manifest["target_vocab_size"],
+                                                      **options)
+    # positions + int32 labels at every target (+ a soft_mask bool where selecting), soft targets where selected
+    per_position = pos_bytes + 4 + (1 if fraction is not None else 0)
+    estimate = positions * per_position + soft * soft_bytes + tokens * tok_bytes + rows * 8
     bound = " at most" if draws else ""
-    summary = (f"dry run: {rows:,} rows, {positions:,} target positions, {tokens:,} tokens in {plan.num_shards} shards; "
+    selected = (f"; soft targets at {soft:,} of them (--select-positions {fraction})" if fraction is not None else "")
+    summary = (f"dry run: {rows:,} rows, {positions:,} target positions{selected}, {tokens:,} tokens in {plan.num_shards} shards; "
                f"estimated cache size{bound} {human_bytes(estimate)} before compression "
                f"({estimate / max(positions, 1):.0f} bytes per position{bound} at {S.describe_targets(manifest)}"
                f"{'; every draw counted as a distinct id' if draws else ''}; zstd usually saves a little on log-probs, "

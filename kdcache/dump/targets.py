@@ -141,3 +141,35 @@ def sampled_targets(logits: torch.Tensor, batch_index: torch.Tensor, position_in
                "ids": empty(samples, torch.int32), "logprobs": empty(samples, torch.float16),
                "counts": empty(samples, torch.int32), "finite": [torch.zeros(0, dtype=torch.bool, device=logits.device)]}
     return {key: torch.cat(parts) if parts else None for key, parts in out.items()}
+
+
+# ---------------------------------------------------------------- token selection (format v3)
+
+def target_entropies(logits: torch.Tensor, batch_index: torch.Tensor, position_index: torch.Tensor,
+                     chunk_elements: int = SAMPLE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """(M,) float32: the teacher's full-softmax entropy at T = 1, -Σ p log p, at each target, on the
+    logits' device (in chunks of targets, so no (M, V) fp32 copy of all of them exists at once).
+    NaN where the logits are not finite (the caller's finite check); -inf logits (p = 0) add 0."""
+    m, vocab = batch_index.shape[0], logits.shape[-1]
+    chunk = max(1, chunk_elements // max(vocab, 1))
+    out = []
+    for start in range(0, m, chunk):
+        part = slice(start, start + chunk)
+        logprobs = torch.log_softmax(logits[batch_index[part], position_index[part]], dim=-1, dtype=torch.float32)
+        # 0 · log 0 = 0: clamping -inf to the lowest float keeps p · log p = -0 there instead of NaN.
+        out.append(-(logprobs.exp() * logprobs.clamp(min=torch.finfo(torch.float32).min)).sum(-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def select_targets(entropy: torch.Tensor, batch_index: torch.Tensor, keep_at: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the selected targets: per row the highest-entropy ones, ties broken by
+    the lower position (targets come in position order within a row). On the device, with no host sync.
+
+    batch_index (M,): each target's row, non-decreasing. keep_at (K,): computed on the host from the
+    rows' target counts: where in the row-grouped, entropy-sorted order the kept targets sit
+    (each row's first `keep` slots)."""
+    # Highest entropy first; the stable sort keeps the lower position first among equal entropies.
+    order = torch.sort(entropy, descending=True, stable=True).indices
+    # Regroup by row, keeping that order within each row (batch_index is sorted, so groups stay in row order).
+    order = order[torch.sort(batch_index[order], stable=True).indices]
+    return torch.sort(order[keep_at]).values

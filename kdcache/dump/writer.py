@@ -23,7 +23,8 @@ def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
     """results: (Row, topk_ids (n, k) int, topk_logprobs (n, k) float16[, samples]), in any order;
     samples (sampled kinds) = (entries per position (n,), ids, log-probs, counts), flat over the
     row's entries. The top-k pair is None for the `sample` kind. The target kind's columns are
-    encoded by the kind (`TargetKind.encode`).
+    encoded by the kind (`TargetKind.encode`). A selected cache (soft_mask column) has a fifth item,
+    the row's soft_mask, and its soft parts cover only the selected targets.
 
     Rows are written in example_id order, so a shard's bytes never depend on batching.
     """
@@ -39,9 +40,13 @@ def build_table(results: list, arrow_schema: pa.Schema, k: int) -> pa.Table:
         S.POSITIONS: list_array(n_pos, concat([r.positions for r in rows], np.int64), field(S.POSITIONS).type),
         S.LABELS: list_array(n_pos, concat([r.labels for r in rows], np.int32), field(S.LABELS).type),
     }
+    n_soft = n_pos  # targets with soft targets per row: all of them, unless the cache selects (format v3)
+    if S.SOFT_MASK in names:
+        columns[S.SOFT_MASK] = list_array(n_pos, concat([r[4] for r in results], np.bool_), field(S.SOFT_MASK).type)
+        n_soft = [int(r[4].sum()) for r in results]
     kind = kind_for_columns(names)  # the target kind encodes its own columns (kdcache/cache/kinds/)
     if kind is not None:
-        columns.update(kind.encode(results, n_pos, field, k))
+        columns.update(kind.encode(results, n_soft, field, k))
     if S.TOKEN_TYPE_IDS in names:
         columns[S.TOKEN_TYPE_IDS] = list_array([len(r.input_ids) for r in rows],
                                                concat([r.token_type_ids for r in rows], np.int64), field(S.TOKEN_TYPE_IDS).type)

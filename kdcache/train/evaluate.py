@@ -19,6 +19,11 @@ Metrics (one dict; the keys of `kdcache evaluate --json`):
   A cache dumped with --no-draw-logprobs (counts only) has no teacher log-prob at its drawn ids: there
   kl is None, and the teacher's figures use only the exact top-k head (`sample`: teacher_ece and
   teacher_perplexity None; top-k+sample: teacher_perplexity None unless every label is in the head).
+  select_positions, soft_positions   a selected cache (format v3, `dump-logits --select-positions`): its
+                  fraction and the positions with soft targets (None / every position otherwise). There kl,
+                  top1_agreement are over the selected positions only; accuracy, perplexity and ece over
+                  every labelled position; the teacher's figures are None (its soft targets are only at
+                  the selected, highest-entropy positions: no figure over them would be comparable).
   token_scope     "assistant-token" for a chat cache whose targets are the assistant's tokens
                   (manifest "chat"), else None. Every metric above is over the cached positions only,
                   and the model sees each row whole, so on a chat cache they are assistant-token
@@ -69,7 +74,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
     task = cache.task
     stream = CacheStream(cache, batch_size=batch_size, shuffle=False)
     exact_logprobs = cache.view.draw_logprobs  # False: only the head's stored log-probs are the teacher's
-    s = dict.fromkeys(("rows", "targets", "labelled", "kl", "agree", "correct", "ce", "t_correct", "t_ce",
+    s = dict.fromkeys(("rows", "targets", "soft", "labelled", "kl", "agree", "correct", "ce", "t_correct", "t_ce",
                        "t_covered"), 0.0)
     s["calibration"], s["t_calibration"] = CalibrationBins(), CalibrationBins()
     from tqdm.auto import tqdm
@@ -84,27 +89,31 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         chunk = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
-            counts = batch.get("target_counts")
+            counts, soft_mask = batch.get("target_counts"), batch.get("soft_mask")
             _accumulate(s, head(hidden[part]).float(), batch["topk_ids"][part], batch["topk_logprobs"][part],
                         batch["labels"][part], None if counts is None else counts[part], batch.get("target_head", 0),
+                        None if soft_mask is None else soft_mask[part],
                         exact=None if exact_logprobs else batch.get("target_head", 0))
         s["rows"] += batch["num_rows"]
         bar.update(batch["num_rows"])
     bar.close()
-    n, labelled = s["targets"], s["labelled"]
+    n, labelled, soft = s["targets"], s["labelled"], s["soft"]
     lm = task in ("mlm", "clm")
+    selected = cache.view.select_positions is not None
+    teacher = not selected  # the teacher's figures need its soft targets at every labelled position
     return {
         "task": task, "model": str(model_dir), "cache": str(cache_dir), "k": cache.k,
         "targets": cache.view.target_kind, "token_scope": token_scope(cache.view.raw),
         "rows": int(s["rows"]), "positions": int(n), "labelled_positions": int(labelled),
-        "kl": s["kl"] / n if n and exact_logprobs else None,
-        "top1_agreement": s["agree"] / n if n else None,
+        "select_positions": cache.view.select_positions, "soft_positions": int(soft),
+        "kl": s["kl"] / soft if soft and exact_logprobs else None,
+        "top1_agreement": s["agree"] / soft if soft else None,
         "accuracy": s["correct"] / labelled if labelled else None,
         "perplexity": _perplexity(s["ce"] / labelled) if lm and labelled else None,
-        "ece": s["calibration"].ece(), "teacher_ece": s["t_calibration"].ece(),
-        "teacher_accuracy": s["t_correct"] / labelled if labelled else None,
+        "ece": s["calibration"].ece(), "teacher_ece": s["t_calibration"].ece() if teacher else None,
+        "teacher_accuracy": s["t_correct"] / labelled if labelled and teacher else None,
         "teacher_perplexity": (_perplexity(s["t_ce"] / labelled)
-                               if lm and labelled and s["t_covered"] == labelled else None),
+                               if lm and labelled and teacher and s["t_covered"] == labelled else None),
     }
 
 
@@ -123,10 +132,33 @@ def _perplexity(mean_ce: float) -> float:
 
 
 def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0,
-                exact: int | None = None) -> None:
-    """exact: how many leading columns hold the teacher's own log-probs (None: all); the others hold
+                soft_mask=None, exact: int | None = None) -> None:
+    """soft_mask (a selected cache): the targets with soft targets; KL and agreement are over those only,
+    the teacher's figures are not kept (see the module docstring).
+    exact: how many leading columns hold the teacher's own log-probs (None: all); the others hold
     decode's stand-in (a --no-draw-logprobs cache), which no teacher figure may use."""
     topk_ids = topk_ids.long()  # batches carry int32 ids
+    _soft_metrics(s, *((logits, topk_ids, topk_logprobs, counts) if soft_mask is None else
+                       (logits[soft_mask], topk_ids[soft_mask], topk_logprobs[soft_mask],
+                        None if counts is None else counts[soft_mask])), head)
+    s["targets"] += labels.shape[0]
+    known = labels >= 0
+    _model_metrics(s, logits, labels, known)
+    if soft_mask is None and known.any():  # the teacher's own figures, from its stored soft targets
+        y = labels[known]
+        s["t_correct"] += float((topk_ids[known][:, 0] == y).sum())
+        if exact is None or exact > 0:
+            s["t_calibration"].add(topk_logprobs[known][:, 0].float().exp(), topk_ids[known][:, 0] == y)
+        hit = (topk_ids[known] == y[:, None]) & (topk_logprobs[known] > float("-inf"))  # padding is -inf
+        if exact is not None:
+            hit[:, exact:] = False  # a label hit among stand-in log-probs: not covered
+        covered = hit.any(-1)
+        s["t_covered"] += float(covered.sum())
+        s["t_ce"] += float(-torch.where(hit, topk_logprobs[known].float(), 0.0).sum())
+
+
+def _soft_metrics(s: dict, logits, topk_ids, topk_logprobs, counts, head: int) -> None:
+    """KL and top-1 agreement against the stored soft targets, at targets that have them."""
     # The teacher's weights and log-probs at the stored ids, as training sees them at T = 1.
     w, log_p = sparse_target_weights(topk_logprobs.float(), counts, head, 1.0)
     log_q = logits.gather(1, topk_ids)
@@ -139,20 +171,14 @@ def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, h
         log_q = log_q - logits.logsumexp(-1, keepdim=True)
     s["kl"] += float((w * (log_p - log_q)).sum())
     s["agree"] += float((logits.argmax(-1) == topk_ids[:, 0]).sum())
-    s["targets"] += labels.shape[0]
-    known = labels >= 0
+    s["soft"] += logits.shape[0]
+
+
+def _model_metrics(s: dict, logits, labels, known) -> None:
+    """The model's accuracy, CE and calibration at the labelled targets (a selected cache: all of them)."""
     if known.any():
         y = labels[known]
         s["labelled"] += float(known.sum())
         s["correct"] += float((logits[known].argmax(-1) == y).sum())
         s["ce"] += float(F.cross_entropy(logits[known], y, reduction="sum"))
-        s["t_correct"] += float((topk_ids[known][:, 0] == y).sum())
         s["calibration"].add_logits(logits[known], y)
-        if exact is None or exact > 0:
-            s["t_calibration"].add(topk_logprobs[known][:, 0].float().exp(), topk_ids[known][:, 0] == y)
-        hit = (topk_ids[known] == y[:, None]) & (topk_logprobs[known] > float("-inf"))  # padding is -inf
-        if exact is not None:
-            hit[:, exact:] = False  # a label hit among stand-in log-probs: not covered
-        covered = hit.any(-1)
-        s["t_covered"] += float(covered.sum())
-        s["t_ce"] += float(-torch.where(hit, topk_logprobs[known].float(), 0.0).sum())

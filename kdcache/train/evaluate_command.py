@@ -43,6 +43,10 @@ def evaluate_cmd(model_dir, cache_dir, batch_size, device, max_rows, as_json):
     click.echo(f"{metrics['model']} on {metrics['cache']} ({metrics['task']}, {metrics['rows']:,} rows, "
                f"{metrics['positions']:,} target positions, {metrics['labelled_positions']:,} labelled, "
                f"{metrics.get('targets', 'top-k')} targets, k={metrics['k']})")
+    if metrics.get("select_positions") is not None:  # a selected cache: say what each figure is over
+        click.echo(f"  soft targets at {metrics['soft_positions']:,} of {metrics['positions']:,} positions "
+                   f"(--select-positions {metrics['select_positions']}): KL and top-1 agreement over those only; "
+                   "accuracy and perplexity over every labelled position; no teacher figures")
     scope = metrics.get("token_scope")  # "assistant-token" on chat caches: say what was scored
     width = 50 if scope else 34
     for key, title, pattern in LABELS:

@@ -17,6 +17,12 @@ A cache dumped with --no-draw-logprobs has no teacher log-prob at drawn ids: dec
 own weight (log w_j), so at T = 1 the weights and gradient are the same bit for bit, and the reported KD
 term is KL(w || student), from the empirical distribution; T != 1 is refused (check_temperature).
 
+Token selection (format v3, `dump-logits --select-positions`): a batch from a selected cache has
+`soft_mask` (N,), True where the target has soft targets. Per target alpha_i = alpha where selected, 0
+elsewhere: a selected target adds alpha·KD + (1 - alpha)·CE as above, an unselected one its CE alone,
+at the target's full weight; averaged over targets as without selection (KD sums over N, CE over the
+labelled ones). Without `soft_mask` the loss is exactly (bit for bit) the one above.
+
 The output layer runs per chunk of targets under activation checkpointing, so at most one
 chunk's (targets x vocab) logits exist at a time, in the forward and in the backward pass.
 """
@@ -113,12 +119,15 @@ class _SparseTargetCE(torch.autograd.Function):
     Autograd through log_softmax + gather + nll would build several (N, V) tensors (log-probs,
     one scattered gradient per term, their sum); the gradient here is formed in one buffer:
     dz = h_sum·q₁ + T·w_sum·q_T − scatter(w·T, ids) − scatter(h, labels), q = softmax.
+
+    Also returns each target's CE, (N, 1), without a gradient (unlabelled rows: meaningless).
     """
 
     @staticmethod
     def forward(ctx, logits, ids, weights, log_weights, labels, label_weights, temperature):
         lse1 = logits.logsumexp(-1, keepdim=True)
-        hard = (label_weights * (lse1 - logits.gather(1, labels))).sum()
+        ce = lse1 - logits.gather(1, labels)
+        hard = (label_weights * ce).sum()
         lse_t = None
         kd = logits.new_zeros(())
         if ids is not None:
@@ -130,10 +139,11 @@ class _SparseTargetCE(torch.autograd.Function):
             kd = (weights * (log_weights - picked + lse_t)).sum() * temperature ** 2
         ctx.temperature = temperature
         ctx.save_for_backward(logits, ids, weights, labels, label_weights, lse1, lse_t)
-        return kd, hard
+        ctx.mark_non_differentiable(ce)
+        return kd, hard, ce
 
     @staticmethod
-    def backward(ctx, grad_kd, grad_hard):
+    def backward(ctx, grad_kd, grad_hard, grad_ce):
         logits, ids, weights, labels, label_weights, lse1, lse_t = ctx.saved_tensors
         t = ctx.temperature
         hard_coef = grad_hard * label_weights  # (N, 1)
@@ -158,17 +168,44 @@ def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | No
     """(KD sum, hard-label CE sum) against the cached soft targets, fused in one pass.
 
     soft: the batch's cached targets for these rows ({"topk_ids", "topk_logprobs"} and, for the
-    sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0).
+    sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0). From a
+    selected cache, include its "soft_mask": the KD sum is then over the selected targets (and the CE over
+    all, unweighted; DistillLoss's per-target alpha is selected_kd_and_ce).
     Every target kind works (see `sparse_target_weights`). labels: (N,), -1 = unknown.
     """
     known = (labels >= 0).unsqueeze(-1).to(logits.dtype)
     labels_at = labels.clamp(min=0).unsqueeze(-1)
     if soft is None:
-        kd, hard = _SparseTargetCE.apply(logits, None, None, None, labels_at, known, 1.0)
+        kd, hard, _ = _SparseTargetCE.apply(logits, None, None, None, labels_at, known, 1.0)
         return hard.new_zeros(()), hard
-    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(logits.dtype), soft.get("target_counts"),
+    w, log_w = _soft_weights(soft, logits.dtype, temperature)
+    return _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at, known, float(temperature))[:2]
+
+
+def _soft_weights(soft: dict, dtype, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_target_weights of a batch's soft targets; with soft_mask (a selected cache) the unselected
+    rows, which hold only padding (their weights come out NaN), get none: no KD there."""
+    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(dtype), soft.get("target_counts"),
                                      int(soft.get("target_head", 0)), temperature)
-    return _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at, known, float(temperature))
+    mask = soft.get("soft_mask")
+    if mask is not None:
+        selected = mask.unsqueeze(-1)
+        w, log_w = torch.where(selected, w, 0.0), torch.where(selected, log_w, 0.0)
+    return w, log_w
+
+
+def selected_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict, soft_mask: torch.Tensor,
+                       alpha: float, temperature: float = 1.0) -> torch.Tensor:
+    """[KD sum, weighted CE sum, CE sum] for a selected cache's targets (soft_mask (N,) bool: which have
+    soft targets), fused in one pass like sparse_kd_and_ce. The weighted CE counts a selected target's
+    CE (1 - alpha) times and an unselected one's once: alpha·KD/N + weighted CE/labelled is the loss."""
+    known = labels >= 0
+    labels_at = labels.clamp(min=0).unsqueeze(-1)
+    w, log_w = _soft_weights({**soft, "soft_mask": soft_mask}, logits.dtype, temperature)
+    label_weights = (known & soft_mask).to(logits.dtype) * (1 - alpha) + (known & ~soft_mask).to(logits.dtype)
+    kd, hard, ce = _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at,
+                                         label_weights.unsqueeze(-1), float(temperature))
+    return torch.stack([kd, hard, (ce.squeeze(-1) * known.to(ce.dtype)).sum()])
 
 
 def hard_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -226,13 +263,13 @@ def _chunk(fn, hidden, head, rows):
 @dataclass
 class LossOutput:
     loss: torch.Tensor        # what to backpropagate
-    kd: torch.Tensor          # mean KD term over targets (0 when alpha = 0)
+    kd: torch.Tensor          # mean KD term over targets (0 when alpha = 0; a selected cache: over the selected)
     hard: torch.Tensor        # mean hard-label CE over labelled targets (0 when none)
     num_targets: int
     num_labelled: int
 
 
-SOFT_KEYS = ("topk_ids", "topk_logprobs", "target_counts", "target_head")
+SOFT_KEYS = ("topk_ids", "topk_logprobs", "target_counts", "target_head", "soft_mask")
 
 
 @dataclass
@@ -254,7 +291,10 @@ class DistillLoss:
         return self.alpha > 0
 
     def _sums(self, logits: torch.Tensor, part: dict) -> torch.Tensor:
-        """[KD sum, hard CE sum] of one chunk of targets."""
+        """[KD sum, hard CE sum] of one chunk of targets; with soft_mask (a selected cache), [KD sum,
+        weighted CE sum, CE sum] (see selected_kd_and_ce)."""
+        if part.get("soft_mask") is not None:
+            return self._selected_sums(logits, part)
         labels, teacher_logits = part["labels"], part.get("teacher_logits")
         if teacher_logits is None and (not self.uses_soft_targets or self.tail == "renorm"):
             kd, hard = sparse_kd_and_ce(logits, labels, part if self.uses_soft_targets else None, self.temperature)
@@ -272,6 +312,19 @@ class DistillLoss:
         hard = F.nll_loss(log_q1, labels, ignore_index=-1, reduction="sum")
         return torch.stack([kd, hard])
 
+    def _selected_sums(self, logits: torch.Tensor, part: dict) -> torch.Tensor:
+        labels, mask = part["labels"], part["soft_mask"]
+        if self.tail == "renorm":
+            return selected_kd_and_ce(logits, labels, part, mask, self.alpha, self.temperature)
+        # The rest bucket (top-k targets): plain autograd on the selected rows only.
+        log_q1 = logits.log_softmax(-1)
+        log_q = log_q1 if self.temperature == 1 else (logits / self.temperature).log_softmax(-1)
+        kd = cached_kd_per_target(log_q[mask], part["topk_ids"][mask], part["topk_logprobs"][mask],
+                                  self.temperature, self.tail).sum()
+        ce = F.nll_loss(log_q1, labels, ignore_index=-1, reduction="none")
+        hard = (ce * torch.where(mask, 1 - self.alpha, 1.0)).sum()
+        return torch.stack([kd, hard, ce.sum()])
+
     def __call__(self, hidden: torch.Tensor, head, batch: dict, teacher_logits: torch.Tensor | None = None) -> LossOutput:
         """hidden: (N, H) student features at the targets, head: features -> logits;
         batch: its labels and (cached KD) topk_ids/topk_logprobs; teacher_logits: (N, V) (online KD)."""
@@ -288,6 +341,12 @@ class DistillLoss:
             part["topk_ids"] = part["topk_ids"].long()  # batches carry int32 ids; gather/scatter index with int64
         sums = chunked(hidden, head, self._sums, part, self.chunk_elements)
         n, num_labelled = labels.shape[0], int((labels >= 0).sum())
+        if part.get("soft_mask") is not None:  # a selected cache: per-target alpha (module docstring)
+            kd = sums[0] / max(n, 1)
+            loss = self.alpha * kd + sums[1] / max(num_labelled, 1)
+            # Reported: KD averaged where soft targets exist, CE over every labelled target.
+            kd_mean = sums[0] / max(int(part["soft_mask"].sum()), 1)
+            return LossOutput(loss, kd_mean.detach(), (sums[2] / max(num_labelled, 1)).detach(), n, num_labelled)
         kd = sums[0] / max(n, 1)
         hard = sums[1] / max(num_labelled, 1)
         return LossOutput(mix(kd, hard, self.alpha), kd.detach(), hard.detach(), n, num_labelled)

@@ -120,12 +120,15 @@ class TargetKind:
         raise NotImplementedError
 
     def encode(self, results: list, n_pos: list[int], field, k: int) -> dict[str, pa.Array]:
-        """Its columns for the rows of `results` (sorted as written); field(name) is the schema's field."""
+        """Its columns for the rows of `results` (sorted as written); field(name) is the schema's field.
+        n_pos: each row's targets with soft targets (all of them, or a selected cache's soft_mask count;
+        the results' soft parts then cover those targets only)."""
         raise NotImplementedError
 
     def read_check(self, table: pa.Table, manifest, n_pos: np.ndarray | None = None) -> str | None:
         """What every reader checks on a row group it decodes (only the columns it read): ids in
-        range and whatever a loss would otherwise crash or train silently on. n_pos: targets per row."""
+        range and whatever a loss would otherwise crash or train silently on. n_pos: targets per row
+        with soft targets (a selected cache: the soft_mask counts)."""
         raise NotImplementedError
 
     def verify(self, table: pa.Table, manifest, n_pos: np.ndarray) -> str | None:
