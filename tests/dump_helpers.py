@@ -32,6 +32,17 @@ def dump(teacher, data, out, *extra, capsys=None, check=True):
     return code, stdout, stderr
 
 
+def dump_variants(root: Path, teacher, data, kinds: dict, common, variants: dict) -> dict:
+    """{(kind, variant): cache}: the same teacher, corpus and seed dumped once per target kind (its args in
+    `kinds`) and per variant (its extra args in `variants`), for side-by-side comparisons."""
+    out = {}
+    for kind, args in kinds.items():
+        for variant, extra in variants.items():
+            out[kind, variant] = root / f"{kind}-{variant}"
+            dump(teacher, data, out[kind, variant], *common, *args, *extra)
+    return out
+
+
 def manifest(cache: Path) -> dict:
     return json.loads((Path(cache) / "manifest.json").read_text())
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dump_helpers import dump, manifest, read_rows, run_cli
+from dump_helpers import dump, dump_variants, manifest, read_rows, run_cli
 from kdcache.cache.kinds.sample import empirical_logprobs
 from kdcache.cache.stream import CacheStream
 from kdcache.train.losses import DistillLoss, sparse_target_weights
@@ -30,14 +29,8 @@ STUDENT = ["--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2, 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, tiny_llama_clm, shakespeare_txt) -> dict:
     """{(kind, with log-probs?): cache}, each pair from the same teacher, corpus and seed."""
-    root = tmp_path_factory.mktemp("draw_logprobs")
-    out = {}
-    for kind, args in KINDS.items():
-        for with_lp in (True, False):
-            out[kind, with_lp] = root / f"{kind}-{with_lp}"
-            dump(tiny_llama_clm, shakespeare_txt, out[kind, with_lp], *COMMON, *args,
-                 *([] if with_lp else ["--no-draw-logprobs"]))
-    return out
+    return dump_variants(tmp_path_factory.mktemp("draw_logprobs"), tiny_llama_clm, shakespeare_txt, KINDS, COMMON,
+                         {True: [], False: ["--no-draw-logprobs"]})
 
 
 def one_line_error(stderr: str) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dump_helpers import dump, manifest, read_rows, run_cli
+from dump_helpers import dump, dump_variants, manifest, read_rows, run_cli
 from kdcache.cache.schema import selected_counts
 from kdcache.cache.stream import CacheStream
 from kdcache.dump.targets import select_targets
@@ -32,14 +32,8 @@ FRACTION = 0.2
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, tiny_llama_clm, shakespeare_txt) -> dict:
     """The same data dumped with and without --select-positions, for both sampled kinds."""
-    root = tmp_path_factory.mktemp("select")
-    out = {}
-    for kind, args in KINDS.items():
-        for selected in (False, True):
-            out[kind, selected] = root / f"{kind}-{selected}"
-            extra = ["--select-positions", FRACTION] if selected else []
-            dump(tiny_llama_clm, shakespeare_txt, out[kind, selected], *COMMON, *args, *extra)
-    return out
+    return dump_variants(tmp_path_factory.mktemp("select"), tiny_llama_clm, shakespeare_txt, KINDS, COMMON,
+                         {False: [], True: ["--select-positions", FRACTION]})
 
 
 def one_line_error(stderr: str) -> bool:
