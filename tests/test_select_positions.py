@@ -402,3 +402,34 @@ def test_chat_rows_top_k_and_batching_independence(tmp_path_factory, capsys):
         np.testing.assert_array_equal(b["topk_logprobs"], a["topk_logprobs"][mask])
     code, _, err = run_cli(["verify", caches["batched"]], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_selection_with_counts_only_draws(caches, kind, tiny_llama_clm, shakespeare_txt, tmp_path, capsys):
+    """Both version-3 features at once (--select-positions with --no-draw-logprobs): the same soft_mask, ids
+    and counts as the selected cache with log-probs, no sample_logprobs, verify passes, and training at T = 1
+    takes the same steps (the logged hard loss, which the log-probs cannot touch, equal at every line)."""
+    both = tmp_path / "both"
+    dump(tiny_llama_clm, shakespeare_txt, both, *COMMON, *KINDS[kind],
+         "--select-positions", FRACTION, "--no-draw-logprobs", capsys=capsys)
+    m = manifest(both)
+    assert m["format_version"] == 3 and m["targets"]["draw_logprobs"] is False
+    assert m["targets"]["select_positions"] == FRACTION
+    with_lp, counts_only = read_rows(caches[kind, True]), read_rows(both)
+    assert "sample_logprobs" not in counts_only[0] and "sample_logprobs" in with_lp[0]
+    for a, b in zip(with_lp, counts_only, strict=True):
+        for column in ("soft_mask", "positions", "labels", "sample_ids", "sample_counts", "sample_lengths"):
+            assert list(a[column]) == list(b[column]), column
+    code, out, err = run_cli(["verify", both], capsys)
+    assert code == 0 and out.startswith("ok:"), err
+
+    losses = {}
+    for name, cache in (("with", caches[kind, True]), ("counts", both)):
+        student = tmp_path / name
+        code, _, err = run_cli(["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16,
+                                "--heads", 2, "--intermediate", 32, "--max-steps", 4, "--batch-size", 4, "--log-every", 1,
+                                "--num-workers", 0, "--no-progress", "--out", student], capsys)
+        assert code == 0, err
+        losses[name] = [json.loads(line)["hard_loss"] for line in (student / "metrics.jsonl").read_text().splitlines()
+                        if "hard_loss" in json.loads(line)]
+    assert len(losses["with"]) == 4 and losses["with"] == pytest.approx(losses["counts"], rel=1e-6)
