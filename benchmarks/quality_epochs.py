@@ -120,7 +120,9 @@ def main():
     specs = [Targets.parse(s) for s in args.targets.split(",") if s]
     caches = {t: c for t in specs if (c := cache_for(t)) is not None}
     # online KD and hard labels read only the rows and labels of a cache without selection
-    reference = next(c for t, c in caches.items() if t.select is None)
+    reference = next((c for t, c in caches.items() if t.select is None), None)
+    if reference is None and not args.no_baselines:
+        sys.exit("error: the baselines need a spec without @FRACTION (their rows and labels), or pass --no-baselines")
     if not args.no_baselines:
         rows += [("online full-vocabulary KD", e, d, None)
                  for e, d in run_epochs("online", reference, "--online-teacher", teacher)]
