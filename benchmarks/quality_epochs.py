@@ -138,7 +138,7 @@ def main():
 
     print(f"# {command_line()}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; student {options['student']}; "
-          f"train {data} ({json.loads((reference / 'manifest.json').read_text())['totals']['positions']:,} positions); "
+          f"train {data} ({json.loads((next(iter(caches.values())) / 'manifest.json').read_text())['totals']['positions']:,} positions); "
           f"held-out {eval_cache}; constant lr {options['lr']} after warm-up, {epochs[-1]:g}-epoch runs")
     print("| trained from | epochs | B / soft-target position | B / corpus token | held-out perplexity | vs online KD "
           "| top-1 agreement | ECE | train s | teacher s |")
