@@ -105,7 +105,7 @@ def read_manifest(cache_dir: Path) -> dict:
     if version not in READABLE_FORMAT_VERSIONS:
         raise KdcacheError(
             f"{path} has cache format version {version!r}, this kdcache reads versions "
-            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (writes {FORMAT_VERSION}, or 3 with --select-positions); "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (writes {FORMAT_VERSION}, or 3 with --select-positions or --no-draw-logprobs); "
             "re-dump with this kdcache or install the version that wrote it")
     return manifest
 

@@ -34,16 +34,29 @@ def check_rows(table: pa.Table, manifest: CacheManifest) -> str | None:
     if any(name in names for name in kind.columns):
         # From the offsets: pc.list_value_length on this column measured 6 ms per 32k-position row group.
         n_pos = np.diff(table.column(S.POSITIONS).combine_chunks().offsets.to_numpy())
-        if manifest.select_positions is not None:
-            problem, n_pos = check_soft_mask(table, manifest, n_pos)  # the kind's entries: selected targets only
+        if manifest.select_positions is not None:  # the kind's entries: selected targets only
+            problem, n_pos = soft_targets_per_row(table, manifest, kind, n_pos)
             if problem:
                 return problem
-            for name in kind.per_position:  # else decoding would pair soft targets with the wrong positions
-                if name in names and not np.array_equal(
-                        np.diff(table.column(name).combine_chunks().offsets.to_numpy()), n_pos):
-                    return f"{name} does not have one entry per selected position (soft_mask)"
         return kind.read_check(table, manifest, n_pos)
     return None
+
+
+def soft_targets_per_row(table: pa.Table, manifest: CacheManifest, kind, n_pos: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """(problem, targets with soft targets per row): all of n_pos, or a selected cache's soft_mask counts
+    (check_soft_mask); and each of the kind's per-position columns present must have exactly that many
+    entries per row, else decoding would pair soft targets with the wrong positions. From the offsets."""
+    n_soft = n_pos
+    if manifest.select_positions is not None:
+        problem, n_soft = check_soft_mask(table, manifest, n_pos)
+        if problem:
+            return problem, n_soft
+    for name in kind.per_position:
+        if name in table.column_names and not np.array_equal(
+                np.diff(table.column(name).combine_chunks().offsets.to_numpy()), n_soft):
+            return (f"{name} does not have one entry per position" if manifest.select_positions is None
+                    else f"{name} does not have one entry per selected position (soft_mask)"), n_soft
+    return None, n_soft
 
 
 def check_soft_mask(table: pa.Table, manifest: CacheManifest, n_pos: np.ndarray) -> tuple[str | None, np.ndarray]:
@@ -113,15 +126,9 @@ def check_shard(cache_dir: Path, manifest: CacheManifest | dict, entry: dict) ->
     kind = kind_of(manifest.target_kind)
     if not np.array_equal(pc.list_value_length(table.column(S.LABELS)).to_numpy(zero_copy_only=False), n_pos):
         return f"{S.LABELS} does not have one entry per position"
-    n_soft = n_pos  # targets with soft targets per row: all, unless the cache selects (format v3)
-    if manifest.select_positions is not None:
-        problem, n_soft = check_soft_mask(table, manifest, n_pos)
-        if problem:
-            return problem
-    for col in kind.per_position:
-        if not np.array_equal(pc.list_value_length(table.column(col)).to_numpy(zero_copy_only=False), n_soft):
-            return (f"{col} does not have one entry per position" if manifest.select_positions is None
-                    else f"{col} does not have one entry per selected position (soft_mask)")
+    problem, n_soft = soft_targets_per_row(table, manifest, kind, n_pos)  # all targets, unless the cache selects
+    if problem:
+        return problem
     input_ids = _flat(table.column(S.INPUT_IDS), 1)
     if input_ids.size and int(input_ids.max()) >= manifest.vocab_size:
         return f"input id {int(input_ids.max())} >= vocab_size {manifest.vocab_size}"
