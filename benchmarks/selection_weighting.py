@@ -37,7 +37,7 @@ def kd_share_loss():
         labels_at = labels.clamp(min=0).unsqueeze(-1)
         w, log_w = losses._soft_weights({**soft, "soft_mask": soft_mask}, logits.dtype, temperature)
         label_weights = known.to(logits.dtype) * (1 - alpha)  # CE at (1 - alpha) everywhere
-        kd, hard, ce = losses._SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at,
+        kd, hard, ce = losses._SparseTargetCE.apply(logits, soft["target_ids"].long(), w, log_w, labels_at,
                                                     label_weights.unsqueeze(-1), float(temperature))
         return torch.stack([kd * scale["kd"], hard, (ce.squeeze(-1) * known.to(ce.dtype)).sum()])
 

@@ -61,8 +61,8 @@ model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=128, num_hidd
 n = batch * length
 data = {"input_ids": torch.randint(0, vocab, (batch, length)), "attention_mask": torch.ones(batch, length, dtype=torch.long),
         "target_rows": torch.arange(batch).repeat_interleave(length), "target_positions": torch.arange(length).repeat(batch),
-        "labels": torch.randint(0, vocab, (n,)), "topk_ids": torch.randint(0, vocab, (n, k)),
-        "topk_logprobs": -torch.rand(n, k).sort(-1).values * 10}
+        "labels": torch.randint(0, vocab, (n,)), "target_ids": torch.randint(0, vocab, (n, k)),
+        "target_logprobs": -torch.rand(n, k).sort(-1).values * 10}
 net = StudentLoss(model, "clm", DistillLoss(alpha=0.5, chunk_elements=chunk))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 net(data)[0].backward()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "open_cache": "kdcache.cache.stream", "OpenCache": "kdcache.cache.stream", "CacheStream": "kdcache.cache.stream",

@@ -88,12 +88,12 @@ def test_weights_and_gradients_equal_at_t1(caches):
     value reported on the counts-only cache is the KL from the empirical distribution."""
     for kind in KINDS:
         for a, b in zip(_batches(caches[kind, True]), _batches(caches[kind, False]), strict=True):
-            for key in ("topk_ids", "target_counts", "labels", "target_positions"):
+            for key in ("target_ids", "target_counts", "labels", "target_positions"):
                 assert torch.equal(a[key], b[key]), key
             head = a["target_head"]
-            assert b["target_head"] == head and torch.equal(a["topk_logprobs"][:, :head], b["topk_logprobs"][:, :head])
-            wa, _ = sparse_target_weights(a["topk_logprobs"], a["target_counts"], head, 1.0)
-            wb, _ = sparse_target_weights(b["topk_logprobs"], b["target_counts"], head, 1.0)
+            assert b["target_head"] == head and torch.equal(a["target_logprobs"][:, :head], b["target_logprobs"][:, :head])
+            wa, _ = sparse_target_weights(a["target_logprobs"], a["target_counts"], head, 1.0)
+            wb, _ = sparse_target_weights(b["target_logprobs"], b["target_counts"], head, 1.0)
             assert torch.equal(wa, wb)
             student = torch.randn(len(a["labels"]), 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             grads, kds = [], []
@@ -106,10 +106,10 @@ def test_weights_and_gradients_equal_at_t1(caches):
             assert torch.equal(grads[0], grads[1])
             # Independently: w from the counts (FORMAT.md), KL(w || student) over the stored ids.
             counts = b["target_counts"].double()
-            p_head = b["topk_logprobs"][:, :head].double().exp()
+            p_head = b["target_logprobs"][:, :head].double().exp()
             tail = (1 - p_head.sum(-1, keepdim=True)).clamp(min=0)
             w = torch.cat([p_head, tail * counts[:, head:] / 32], 1)
-            log_q = student.log_softmax(-1).gather(1, b["topk_ids"].long())
+            log_q = student.log_softmax(-1).gather(1, b["target_ids"].long())
             kl = torch.where(w > 0, w * (w.clamp(min=1e-300).log() - log_q), 0.0).sum(-1).mean()
             assert kds[1] == pytest.approx(float(kl), rel=2e-3)
 
@@ -239,8 +239,8 @@ def test_format_md_recipe_reads_a_counts_only_cache(caches):
             rebuilt.append(weights)
     from_loss = []
     for batch in _batches(cache):
-        w, _ = sparse_target_weights(batch["topk_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
-        from_loss += [{i: x for i, x in zip(ids, ws) if x > 0} for ids, ws in zip(batch["topk_ids"].tolist(), w.tolist())]
+        w, _ = sparse_target_weights(batch["target_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
+        from_loss += [{i: x for i, x in zip(ids, ws) if x > 0} for ids, ws in zip(batch["target_ids"].tolist(), w.tolist())]
     assert len(rebuilt) == len(from_loss)
     for a, b in zip(rebuilt, from_loss):
         assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-9 for i in a)

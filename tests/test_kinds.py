@@ -67,7 +67,7 @@ class Argmax(TargetKind):
     def batch(self, parts):
         import torch
         ids = torch.from_numpy(parts["argmax"][:, None])
-        return {"topk_ids": ids, "topk_logprobs": torch.zeros(ids.shape, dtype=torch.float16)}
+        return {"target_ids": ids, "target_logprobs": torch.zeros(ids.shape, dtype=torch.float16)}
 
     def weights(self, logprobs, counts, head, temperature):
         import torch
@@ -112,7 +112,7 @@ def test_a_kind_registered_in_one_place_goes_through_every_stage(tmp_path, argma
     got = {}
     for batch in CacheStream(cache, batch_size=6, shuffle=False):
         eids = batch["example_id"][batch["target_rows"]].tolist()
-        for e, p, t in zip(eids, batch["target_positions"].tolist(), batch["topk_ids"][:, 0].tolist()):
+        for e, p, t in zip(eids, batch["target_positions"].tolist(), batch["target_ids"][:, 0].tolist()):
             got[(e, p)] = t
     want = {(r["example_id"], p): t for r in rows for p, t in zip(r["positions"], r[ARGMAX_IDS])}
     assert got == want
@@ -227,8 +227,8 @@ def test_every_builtin_kind_round_trips_from_host_arrays_to_loss_weights(name):
     decoded = DecodedRows(table)
     assert kind_for_columns(table.column_names) is kind and decoded.kind is kind
     batch = collate([(decoded, np.arange(table.num_rows))])
-    w, _ = kind.weights(batch["topk_logprobs"], batch.get("target_counts"), batch.get("target_head", 0), 1.0)
-    ids = batch["topk_ids"].numpy()
+    w, _ = kind.weights(batch["target_logprobs"], batch.get("target_counts"), batch.get("target_head", 0), 1.0)
+    ids = batch["target_ids"].numpy()
     got = [{i: x for i, x in zip(ids[t].tolist(), w[t].tolist()) if x > 0} for t in range(len(ids))]
     want = [w for r in results for w in _expected_weights(kind, r)]
     assert len(got) == len(want)

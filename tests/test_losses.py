@@ -126,10 +126,26 @@ def test_bucket_tail_keeps_the_mass_outside_the_top_k(tiny_bert_mlm, tmp_path):
     # Independent: probabilities summed directly, the rest as 1 - Σ top-k on both sides.
     q = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     q = q[batch["target_rows"], batch["target_positions"]].softmax(-1)
-    p_k = batch["topk_logprobs"].float().exp()
-    q_k = q.gather(1, batch["topk_ids"].long())
+    p_k = batch["target_logprobs"].float().exp()
+    q_k = q.gather(1, batch["target_ids"].long())
     p = torch.cat([p_k, (1 - p_k.sum(-1, keepdim=True)).clamp(min=0)], -1)
     qq = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
     expected = (p * (p.log() - qq.log())).sum(-1).mean()
     torch.testing.assert_close(bucket.kd, expected.detach(), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(bucket.kd, renorm.kd)
+
+
+def test_batches_name_their_targets_and_old_names_are_refused(tiny_bert_mlm, tmp_path):
+    """0.2 renamed the batch keys topk_ids/topk_logprobs (which also held drawn ids) to target_ids/target_logprobs;
+    a batch built with the old names is refused in one line instead of training on labels alone."""
+    from kdcache.errors import KdcacheError
+    cache_dir = teacher_cache(tmp_path / "cache", tiny_bert_mlm, MLM, shakespeare_lines()[:8], k=4)
+    batch = next(iter(CacheStream(cache_dir, batch_size=4, shuffle=False)))
+    assert {"target_ids", "target_logprobs"} <= batch.keys() and not {"topk_ids", "topk_logprobs"} & batch.keys()
+    old = {"labels": batch["labels"], "topk_ids": batch["target_ids"], "topk_logprobs": batch["target_logprobs"]}
+    hidden = torch.randn(len(batch["labels"]), 8)
+    head = torch.nn.Linear(8, open_cache(cache_dir).manifest["target_vocab_size"])
+    with pytest.raises(KdcacheError, match="target_ids/target_logprobs"):
+        DistillLoss(alpha=0.5)(hidden, head, old)
+    renamed = {"labels": old["labels"], "target_ids": old["topk_ids"], "target_logprobs": old["topk_logprobs"]}
+    assert torch.isfinite(DistillLoss(alpha=0.5)(hidden, head, renamed).loss)

@@ -58,9 +58,9 @@ def test_cached_gradient_matches_online_kd_on_a_real_dump(caches, tiny_llama_clm
         for batch in CacheStream(cache, batch_size=8, shuffle=False):
             with torch.no_grad():
                 t_logits = target_logits(teacher, "clm", batch).double()
-            lp = batch["topk_logprobs"].float()
+            lp = batch["target_logprobs"].float()
             stored = lp > float("-inf")
-            at_ids = t_logits.log_softmax(-1).gather(1, batch["topk_ids"].long())
+            at_ids = t_logits.log_softmax(-1).gather(1, batch["target_ids"].long())
             assert torch.allclose(lp[stored], at_ids[stored].float(), atol=0.01)
             if kind != "top-k":
                 assert (batch["target_counts"].sum(1) == 32).all()
@@ -102,7 +102,7 @@ def test_evaluate_estimates_the_full_kl(caches, tiny_llama_clm, tmp_path):
                 log_q = target_logits(other, "clm", batch).double().log_softmax(-1)
             exact.append((log_p.exp() * (log_p - log_q)).sum(-1))
             # The estimator, by FORMAT.md's weights: head p_i, drawn ids (tail mass) x count / N.
-            ids, lp = batch["topk_ids"].long(), batch["topk_logprobs"].double()
+            ids, lp = batch["target_ids"].long(), batch["target_logprobs"].double()
             head = batch["target_head"]
             tail = 1 - lp[:, :head].exp().sum(-1, keepdim=True)
             w = torch.cat([lp[:, :head].exp(), tail * batch["target_counts"][:, head:].double() / 32], 1)
@@ -202,7 +202,7 @@ def test_train_evaluate_and_refusals(caches, tmp_path, capsys):
     cache = caches["sample"]
     # --alpha 0 streams no soft targets at all.
     batch = next(iter(CacheStream(cache, batch_size=4, soft_targets=False)))
-    assert not {"topk_ids", "topk_logprobs", "target_counts"} & batch.keys()
+    assert not {"target_ids", "target_logprobs", "target_counts"} & batch.keys()
     out = tmp_path / "student"
     args = ["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2,
             "--intermediate", 32, "--max-steps", 2, "--batch-size", 4, "--num-workers", 0, "--no-progress"]
@@ -330,8 +330,8 @@ def test_weights_rebuilt_from_format_md_alone_match_the_loss(caches, tmp_path):
                 rebuilt.append(weights)
         from_loss = []
         for batch in CacheStream(cache, batch_size=8, shuffle=False):
-            w, _ = sparse_target_weights(batch["topk_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
-            for ids, ws in zip(batch["topk_ids"].tolist(), w.tolist()):
+            w, _ = sparse_target_weights(batch["target_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
+            for ids, ws in zip(batch["target_ids"].tolist(), w.tolist()):
                 from_loss.append({i: x for i, x in zip(ids, ws) if x > 0})
         assert len(rebuilt) == len(from_loss) == m["totals"]["positions"]
         for a, b in zip(rebuilt, from_loss):

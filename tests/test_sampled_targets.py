@@ -38,12 +38,12 @@ def draw(teacher, replicas, samples, head=0, seed=0):
         ids = torch.cat([out["head_ids"], ids], 1)
         lps = torch.cat([out["head_logprobs"].float(), lps], 1)
         counts = torch.cat([torch.zeros_like(out["head_ids"]), counts], 1)
-    return {"topk_ids": ids, "topk_logprobs": lps.half(), "target_counts": counts, "target_head": head}
+    return {"target_ids": ids, "target_logprobs": lps.half(), "target_counts": counts, "target_head": head}
 
 
 def cached_gradients(student, batch, temperature=1.0):
     """d(per-target KD)/d(student logits) for every target of `batch`, through DistillLoss."""
-    n = batch["topk_ids"].shape[0]
+    n = batch["target_ids"].shape[0]
     z = student.repeat(n // POSITIONS, 1).clone().requires_grad_(True)
     batch = dict(batch, labels=torch.full((n,), -1))
     out = DistillLoss(temperature=temperature, alpha=1.0)(z, lambda h: h, batch)
@@ -70,7 +70,7 @@ def test_cached_gradient_is_unbiased_and_top_k_is_not(logits, head):
     # Top-k renormalisation (k = head, or 4) is deterministic and biased: its error is many times larger.
     k = head or 4
     ids, values, _ = topk_targets(teacher[None], torch.zeros(POSITIONS, dtype=torch.long), torch.arange(POSITIONS), k)
-    topk_grad = cached_gradients(student, {"topk_ids": ids, "topk_logprobs": values})[0]
+    topk_grad = cached_gradients(student, {"target_ids": ids, "target_logprobs": values})[0]
     topk_error = (topk_grad - exact).abs()
     assert topk_error.max() > 20 * error.max()
     assert topk_error.max() > 20 * se.max()
@@ -91,8 +91,8 @@ def test_gradient_error_shrinks_like_one_over_sqrt_draws(logits, head):
 def test_weights_at_t1_are_counts_over_n_and_head_probabilities(logits):
     teacher, _ = logits
     batch = draw(teacher, 5, samples=16, head=4)
-    w, log_p = sparse_target_weights(batch["topk_logprobs"].float(), batch["target_counts"], 4, 1.0)
-    lp = batch["topk_logprobs"].float()
+    w, log_p = sparse_target_weights(batch["target_logprobs"].float(), batch["target_counts"], 4, 1.0)
+    lp = batch["target_logprobs"].float()
     head_p = lp[:, :4].exp()
     tail = 1 - head_p.sum(-1, keepdim=True)
     counts = batch["target_counts"][:, 4:].float()
@@ -102,7 +102,7 @@ def test_weights_at_t1_are_counts_over_n_and_head_probabilities(logits):
     torch.testing.assert_close(log_p[lp > float("-inf")], lp[lp > float("-inf")])
     # Pure sampling: exactly count / N.
     batch = draw(teacher, 5, samples=16)
-    w, _ = sparse_target_weights(batch["topk_logprobs"].float(), batch["target_counts"], 0, 1.0)
+    w, _ = sparse_target_weights(batch["target_logprobs"].float(), batch["target_counts"], 0, 1.0)
     torch.testing.assert_close(w, batch["target_counts"].float() / 16)
 
 
@@ -111,8 +111,8 @@ def test_self_normalised_weights_at_t2_converge_to_the_tempered_teacher(logits, 
     teacher, _ = logits
     temperature = 2.0
     batch = draw(teacher, 1, samples=20000, head=head)
-    w, _ = sparse_target_weights(batch["topk_logprobs"].float(), batch["target_counts"], head, temperature)
-    dense = torch.zeros(POSITIONS, VOCAB).scatter_add_(1, batch["topk_ids"].long(), w)
+    w, _ = sparse_target_weights(batch["target_logprobs"].float(), batch["target_counts"], head, temperature)
+    dense = torch.zeros(POSITIONS, VOCAB).scatter_add_(1, batch["target_ids"].long(), w)
     target = (teacher / temperature).softmax(-1)
     assert (dense - target).abs().max() < 0.02
 
@@ -171,8 +171,8 @@ def test_top_k_plus_sample_with_one_id_left_is_exact_kd(logits, temperature):
     assert (batch["target_counts"][:, VOCAB - 1] == 8).all()
     # Exact log-probs instead of the stored fp16 ones: the tail mass is 1 - (sum of 39 head probabilities),
     # and fp16 rounding of those is as large as the smallest probability itself.
-    exact = teacher.double().log_softmax(-1).gather(1, batch["topk_ids"].long())
-    batch["topk_logprobs"] = exact.masked_fill(batch["topk_logprobs"] == float("-inf"), float("-inf"))
+    exact = teacher.double().log_softmax(-1).gather(1, batch["target_ids"].long())
+    batch["target_logprobs"] = exact.masked_fill(batch["target_logprobs"] == float("-inf"), float("-inf"))
     labels = torch.full((POSITIONS,), -1)
     z = student.clone().requires_grad_(True)
     cached = DistillLoss(temperature=temperature, alpha=1.0)(z, lambda h: h, dict(batch, labels=labels))

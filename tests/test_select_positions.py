@@ -117,15 +117,15 @@ def test_stream_batches_pad_unselected_targets(caches):
             mask = b["soft_mask"]
             assert "soft_mask" not in a and mask.dtype == torch.bool and mask.shape == a["labels"].shape
             assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["target_positions"], b["target_positions"])
-            width = b["topk_ids"].shape[1]
+            width = b["target_ids"].shape[1]
             assert b["target_head"] == a["target_head"]
-            for key in ("topk_ids", "topk_logprobs", "target_counts"):
+            for key in ("target_ids", "target_logprobs", "target_counts"):
                 assert torch.equal(b[key][mask], a[key][mask][:, :width])
-            assert (b["topk_logprobs"][~mask] == float("-inf")).all()
-            assert (b["target_counts"][~mask] == 0).all() and (b["topk_ids"][~mask] == 0).all()
+            assert (b["target_logprobs"][~mask] == float("-inf")).all()
+            assert (b["target_counts"][~mask] == 0).all() and (b["target_ids"][~mask] == 0).all()
     # --alpha 0 reads neither the soft targets nor soft_mask.
     batch = next(iter(CacheStream(caches["sample", True], batch_size=4, soft_targets=False)))
-    assert not {"topk_ids", "topk_logprobs", "target_counts", "soft_mask"} & batch.keys()
+    assert not {"target_ids", "target_logprobs", "target_counts", "soft_mask"} & batch.keys()
 
 
 def _batch(n=12, v=30, width=5, seed=0):
@@ -139,7 +139,7 @@ def _batch(n=12, v=30, width=5, seed=0):
     counts[:, 2:] = torch.tensor([4, 3, 1], dtype=torch.int16)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[3] = -1
-    return {"topk_ids": ids, "topk_logprobs": lp.half(), "target_counts": counts, "target_head": 2, "labels": labels}
+    return {"target_ids": ids, "target_logprobs": lp.half(), "target_counts": counts, "target_head": 2, "labels": labels}
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
@@ -166,8 +166,8 @@ def test_loss_per_target_alpha(alpha):
     mask = torch.ones(n, dtype=torch.bool)
     mask[[0, 3, 5, 6]] = False  # 3 is unlabelled: no gradient at all
     padded = dict(batch, soft_mask=mask)
-    padded["topk_ids"] = torch.where(mask[:, None], batch["topk_ids"], 0)
-    padded["topk_logprobs"] = torch.where(mask[:, None], batch["topk_logprobs"], float("-inf"))
+    padded["target_ids"] = torch.where(mask[:, None], batch["target_ids"], 0)
+    padded["target_logprobs"] = torch.where(mask[:, None], batch["target_logprobs"], float("-inf"))
     padded["target_counts"] = torch.where(mask[:, None], batch["target_counts"], 0)
     out, g = run(padded)
     labelled = int((batch["labels"] >= 0).sum())
@@ -199,7 +199,7 @@ def test_loss_per_target_alpha(alpha):
 
     # The rest-bucket tail (top-k targets) follows the same rule with plain autograd.
     if alpha == 0.5:
-        topk = {"topk_ids": padded["topk_ids"][:, :2], "topk_logprobs": padded["topk_logprobs"][:, :2],
+        topk = {"target_ids": padded["target_ids"][:, :2], "target_logprobs": padded["target_logprobs"][:, :2],
                 "labels": batch["labels"], "soft_mask": mask}
         z = z0.clone().requires_grad_(True)
         DistillLoss(alpha=alpha, tail="bucket")(z, lambda h: h, topk).loss.backward()
@@ -366,9 +366,9 @@ def test_format_md_recipe_rebuilds_a_selected_caches_weights(caches):
             rebuilt += per_position
         from_loss = []
         for batch in CacheStream(cache, batch_size=8, shuffle=False):
-            w, _ = sparse_target_weights(batch["topk_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
+            w, _ = sparse_target_weights(batch["target_logprobs"].double(), batch["target_counts"], batch["target_head"], 1.0)
             mask = batch.get("soft_mask", torch.ones(len(w), dtype=torch.bool))
-            for ids, ws, m in zip(batch["topk_ids"].tolist(), w.tolist(), mask.tolist()):
+            for ids, ws, m in zip(batch["target_ids"].tolist(), w.tolist(), mask.tolist()):
                 from_loss.append({i: x for i, x in zip(ids, ws) if x > 0} if m else None)
         assert len(rebuilt) == len(from_loss) == manifest(cache)["totals"]["positions"]
         for a, b in zip(rebuilt, from_loss):

@@ -145,8 +145,8 @@ def test_collated_batch_matches_the_rows(cache):
     stream = CacheStream(cache, batch_size=16, shuffle_buffer=50)
     batch = next(iter(stream))
     # Narrow, as cached: the loss widens them on its device.
-    assert batch["topk_logprobs"].dtype == torch.float16 and batch["topk_ids"].dtype == torch.int32
-    assert batch["topk_ids"].shape[1] == 4
+    assert batch["target_logprobs"].dtype == torch.float16 and batch["target_ids"].dtype == torch.int32
+    assert batch["target_ids"].shape[1] == 4
     target = 0
     for b, example in enumerate(batch["example_id"].tolist()):
         row = rows[example]
@@ -155,8 +155,8 @@ def test_collated_batch_matches_the_rows(cache):
         assert batch["attention_mask"][b].sum() == n and batch["input_ids"][b, n:].eq(0).all()
         for j, pos in enumerate(row["positions"]):
             assert batch["target_rows"][target] == b and batch["target_positions"][target] == pos
-            assert batch["topk_ids"][target].tolist() == row["topk_ids"][j]
-            torch.testing.assert_close(batch["topk_logprobs"][target],
+            assert batch["target_ids"][target].tolist() == row["topk_ids"][j]
+            torch.testing.assert_close(batch["target_logprobs"][target],
                                        torch.tensor(row["topk_logprobs"][j], dtype=torch.float16))
             assert batch["labels"][target] == row["labels"][j]
             target += 1
@@ -180,7 +180,7 @@ def test_open_files_do_not_grow_with_the_shard_count(tmp_path):
 
 def test_hard_label_stream_does_not_decode_soft_targets(cache):
     batch = next(iter(CacheStream(cache, batch_size=4, soft_targets=False)))
-    assert "topk_ids" not in batch and "topk_logprobs" not in batch and len(batch["labels"]) > 0
+    assert "target_ids" not in batch and "target_logprobs" not in batch and len(batch["labels"]) > 0
 
 
 def test_missing_and_corrupt_shards_are_named(tmp_path):

@@ -8,7 +8,7 @@ Arrow `take` on nested lists), done in the DataLoader workers. A batch holds:
   target_rows, target_positions (N,) int64   where the N targets sit in the padded batch
   labels (N,) int64                           hard labels, -1 unknown
   and the target kind's tensors (its `decode` / `batch` in kdcache/cache/kinds/), if decoded:
-  topk_ids (N, k) int32, topk_logprobs (N, k) float16   the teacher's soft targets, as stored;
+  target_ids (N, k) int32, target_logprobs (N, k) float16  the teacher's soft targets, as stored;
                                               the loss widens them on its device
   Sampled kinds (format v2 "sample", "top-k+sample") put every stored entry in those two, head first
   (the top-k, if any) then the drawn ids, padded to the batch's widest position, and add:
@@ -31,11 +31,11 @@ import pyarrow as pa
 import torch
 
 from .kinds import TargetKind, kind_for_columns
-from .kinds.base import element_index, ragged
+from .kinds.base import TARGET_COUNTS, TARGET_IDS, TARGET_LOGPROBS, element_index, ragged
 from .schema import EXAMPLE_ID, INPUT_IDS, LABELS, POSITIONS, SOFT_MASK, TOKEN_TYPE_IDS
 
 # The kind tensors with one row per target (kinds' `batch`), and what an unselected target's row holds.
-SOFT_PADDING = {"topk_ids": 0, "topk_logprobs": float("-inf"), "target_counts": 0}
+SOFT_PADDING = {TARGET_IDS: 0, TARGET_LOGPROBS: float("-inf"), TARGET_COUNTS: 0}
 
 
 class DecodedRows:

@@ -52,7 +52,7 @@ def majority_rates(eval_cache) -> tuple[float | None, float | None]:
     label_parts, top1_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for batch in CacheStream(eval_cache, batch_size=256, shuffle=False):
         label_parts.append(batch["labels"].numpy())
-        top1_parts.append(batch["topk_ids"][:, 0].numpy().astype(np.int64))
+        top1_parts.append(batch["target_ids"][:, 0].numpy().astype(np.int64))
     labels, top1 = np.concatenate(label_parts), np.concatenate(top1_parts)
 
     def share(values):

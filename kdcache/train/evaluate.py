@@ -90,7 +90,7 @@ def evaluate(model_dir: str | Path, cache_dir: str | Path, *, batch_size: int = 
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
             counts, soft_mask = batch.get("target_counts"), batch.get("soft_mask")
-            _accumulate(s, head(hidden[part]).float(), batch["topk_ids"][part], batch["topk_logprobs"][part],
+            _accumulate(s, head(hidden[part]).float(), batch["target_ids"][part], batch["target_logprobs"][part],
                         batch["labels"][part], None if counts is None else counts[part], batch.get("target_head", 0),
                         None if soft_mask is None else soft_mask[part],
                         exact=None if exact_logprobs else batch.get("target_head", 0))
@@ -131,37 +131,37 @@ def _perplexity(mean_ce: float) -> float:
     return math.exp(mean_ce) if mean_ce < 709 else math.inf
 
 
-def _accumulate(s: dict, logits, topk_ids, topk_logprobs, labels, counts=None, head: int = 0,
+def _accumulate(s: dict, logits, target_ids, target_logprobs, labels, counts=None, head: int = 0,
                 soft_mask=None, exact: int | None = None) -> None:
     """soft_mask (a selected cache): the targets with soft targets; KL and agreement are over those only,
     the teacher's figures are not kept (see the module docstring).
     exact: how many leading columns hold the teacher's own log-probs (None: all); the others hold
     decode's stand-in (a --no-draw-logprobs cache), which no teacher figure may use."""
-    topk_ids = topk_ids.long()  # batches carry int32 ids
-    _soft_metrics(s, *((logits, topk_ids, topk_logprobs, counts) if soft_mask is None else
-                       (logits[soft_mask], topk_ids[soft_mask], topk_logprobs[soft_mask],
+    target_ids = target_ids.long()  # batches carry int32 ids
+    _soft_metrics(s, *((logits, target_ids, target_logprobs, counts) if soft_mask is None else
+                       (logits[soft_mask], target_ids[soft_mask], target_logprobs[soft_mask],
                         None if counts is None else counts[soft_mask])), head)
     s["targets"] += labels.shape[0]
     known = labels >= 0
     _model_metrics(s, logits, labels, known)
     if soft_mask is None and known.any():  # the teacher's own figures, from its stored soft targets
         y = labels[known]
-        s["t_correct"] += float((topk_ids[known][:, 0] == y).sum())
+        s["t_correct"] += float((target_ids[known][:, 0] == y).sum())
         if exact is None or exact > 0:
-            s["t_calibration"].add(topk_logprobs[known][:, 0].float().exp(), topk_ids[known][:, 0] == y)
-        hit = (topk_ids[known] == y[:, None]) & (topk_logprobs[known] > float("-inf"))  # padding is -inf
+            s["t_calibration"].add(target_logprobs[known][:, 0].float().exp(), target_ids[known][:, 0] == y)
+        hit = (target_ids[known] == y[:, None]) & (target_logprobs[known] > float("-inf"))  # padding is -inf
         if exact is not None:
             hit[:, exact:] = False  # a label hit among stand-in log-probs: not covered
         covered = hit.any(-1)
         s["t_covered"] += float(covered.sum())
-        s["t_ce"] += float(-torch.where(hit, topk_logprobs[known].float(), 0.0).sum())
+        s["t_ce"] += float(-torch.where(hit, target_logprobs[known].float(), 0.0).sum())
 
 
-def _soft_metrics(s: dict, logits, topk_ids, topk_logprobs, counts, head: int) -> None:
+def _soft_metrics(s: dict, logits, target_ids, target_logprobs, counts, head: int) -> None:
     """KL and top-1 agreement against the stored soft targets, at targets that have them."""
     # The teacher's weights and log-probs at the stored ids, as training sees them at T = 1.
-    w, log_p = sparse_target_weights(topk_logprobs.float(), counts, head, 1.0)
-    log_q = logits.gather(1, topk_ids)
+    w, log_p = sparse_target_weights(target_logprobs.float(), counts, head, 1.0)
+    log_q = logits.gather(1, target_ids)
     if counts is None:
         # Top-k: the model renormalised over the same k ids, so the teacher itself scores 0 and the
         # figure is comparable across models whatever mass the top-k covers.
@@ -170,7 +170,7 @@ def _soft_metrics(s: dict, logits, topk_ids, topk_logprobs, counts, head: int) -
         # Sampled targets: the weighted draws estimate E_teacher[log p - log q] over the whole vocabulary.
         log_q = log_q - logits.logsumexp(-1, keepdim=True)
     s["kl"] += float((w * (log_p - log_q)).sum())
-    s["agree"] += float((logits.argmax(-1) == topk_ids[:, 0]).sum())
+    s["agree"] += float((logits.argmax(-1) == target_ids[:, 0]).sum())
     s["soft"] += logits.shape[0]
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..cache.kinds import kind_of
+from ..cache.kinds.base import TARGET_KEYS
 from ..errors import KdcacheError
 from ..cache.schema import SAMPLE as _SAMPLE, TOP_K as _TOP_K
 
@@ -167,7 +168,7 @@ def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | No
                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(KD sum, hard-label CE sum) against the cached soft targets, fused in one pass.
 
-    soft: the batch's cached targets for these rows ({"topk_ids", "topk_logprobs"} and, for the
+    soft: the batch's cached targets for these rows ({"target_ids", "target_logprobs"} and, for the
     sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0). From a
     selected cache, include its "soft_mask": the KD sum is then over the selected targets (and the CE over
     all, unweighted; DistillLoss's per-target alpha is selected_kd_and_ce).
@@ -179,13 +180,13 @@ def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | No
         kd, hard, _ = _SparseTargetCE.apply(logits, None, None, None, labels_at, known, 1.0)
         return hard.new_zeros(()), hard
     w, log_w = _soft_weights(soft, logits.dtype, temperature)
-    return _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at, known, float(temperature))[:2]
+    return _SparseTargetCE.apply(logits, soft["target_ids"].long(), w, log_w, labels_at, known, float(temperature))[:2]
 
 
 def _soft_weights(soft: dict, dtype, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """sparse_target_weights of a batch's soft targets; with soft_mask (a selected cache) the unselected
     rows, which hold only padding (their weights come out NaN), get none: no KD there."""
-    w, log_w = sparse_target_weights(soft["topk_logprobs"].to(dtype), soft.get("target_counts"),
+    w, log_w = sparse_target_weights(soft["target_logprobs"].to(dtype), soft.get("target_counts"),
                                      int(soft.get("target_head", 0)), temperature)
     mask = soft.get("soft_mask")
     if mask is not None:
@@ -203,7 +204,7 @@ def selected_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict, s
     labels_at = labels.clamp(min=0).unsqueeze(-1)
     w, log_w = _soft_weights({**soft, "soft_mask": soft_mask}, logits.dtype, temperature)
     label_weights = (known & soft_mask).to(logits.dtype) * (1 - alpha) + (known & ~soft_mask).to(logits.dtype)
-    kd, hard, ce = _SparseTargetCE.apply(logits, soft["topk_ids"].long(), w, log_w, labels_at,
+    kd, hard, ce = _SparseTargetCE.apply(logits, soft["target_ids"].long(), w, log_w, labels_at,
                                          label_weights.unsqueeze(-1), float(temperature))
     return torch.stack([kd, hard, (ce.squeeze(-1) * known.to(ce.dtype)).sum()])
 
@@ -269,7 +270,7 @@ class LossOutput:
     num_labelled: int
 
 
-SOFT_KEYS = ("topk_ids", "topk_logprobs", "target_counts", "target_head", "soft_mask")
+SOFT_KEYS = TARGET_KEYS + ("soft_mask",)
 
 
 @dataclass
@@ -305,7 +306,7 @@ class DistillLoss:
         if self.uses_soft_targets:
             log_q = log_q1 if self.temperature == 1 else (logits / self.temperature).log_softmax(-1)
             per_target = (online_kd_per_target(log_q, teacher_logits, self.temperature) if teacher_logits is not None
-                          else cached_kd_per_target(log_q, part["topk_ids"], part["topk_logprobs"], self.temperature,
+                          else cached_kd_per_target(log_q, part["target_ids"], part["target_logprobs"], self.temperature,
                                                     self.tail))
             kd = per_target.sum()
         # nll of log-probs; ignore_index=-1 makes an all-unknown chunk contribute 0.
@@ -319,7 +320,7 @@ class DistillLoss:
         # The rest bucket (top-k targets): plain autograd on the selected rows only.
         log_q1 = logits.log_softmax(-1)
         log_q = log_q1 if self.temperature == 1 else (logits / self.temperature).log_softmax(-1)
-        kd = cached_kd_per_target(log_q[mask], part["topk_ids"][mask], part["topk_logprobs"][mask],
+        kd = cached_kd_per_target(log_q[mask], part["target_ids"][mask], part["target_logprobs"][mask],
                                   self.temperature, self.tail).sum()
         ce = F.nll_loss(log_q1, labels, ignore_index=-1, reduction="none")
         hard = (ce * torch.where(mask, 1 - self.alpha, 1.0)).sum()
@@ -327,18 +328,22 @@ class DistillLoss:
 
     def __call__(self, hidden: torch.Tensor, head, batch: dict, teacher_logits: torch.Tensor | None = None) -> LossOutput:
         """hidden: (N, H) student features at the targets, head: features -> logits;
-        batch: its labels and (cached KD) topk_ids/topk_logprobs; teacher_logits: (N, V) (online KD)."""
+        batch: its labels and (cached KD) target_ids/target_logprobs; teacher_logits: (N, V) (online KD)."""
         labels = batch["labels"]
         part = {"labels": labels}
         if teacher_logits is not None:
             part["teacher_logits"] = teacher_logits
         elif self.uses_soft_targets:
-            if batch.get("topk_ids") is None:
+            if batch.get("target_ids") is None:
+                if batch.get("topk_ids") is not None:  # built for kdcache 0.1, whose batches used these names
+                    raise KdcacheError("this batch holds its soft targets under topk_ids/topk_logprobs, the names "
+                                       "before kdcache 0.2; rename them target_ids/target_logprobs (README: "
+                                       "'Changes in 0.2')")
                 raise ValueError("alpha > 0 needs the cached soft targets (stream with soft_targets=True) or teacher_logits")
             if batch.get("target_counts") is not None and self.tail == "bucket":
                 raise ValueError("tail='bucket' is for top-k targets; sampled targets already estimate the tail")
             part.update({key: batch[key] for key in SOFT_KEYS if batch.get(key) is not None})
-            part["topk_ids"] = part["topk_ids"].long()  # batches carry int32 ids; gather/scatter index with int64
+            part["target_ids"] = part["target_ids"].long()  # batches carry int32 ids; gather/scatter index with int64
         sums = chunked(hidden, head, self._sums, part, self.chunk_elements)
         n, num_labelled = labels.shape[0], int((labels >= 0).sum())
         if part.get("soft_mask") is not None:  # a selected cache: per-target alpha (module docstring)

@@ -13,6 +13,16 @@ import numpy as np
 import pyarrow as pa
 
 
+# The batch keys of soft targets (what a kind's `batch` returns; kdcache.cache.collate documents the batch).
+# They name what they hold for every kind: the stored target ids, head (exact top-k) first, then drawn ids.
+# (Before 0.2 they were called topk_ids / topk_logprobs for every kind, drawn ids included.)
+TARGET_IDS = "target_ids"            # (N, W) int32
+TARGET_LOGPROBS = "target_logprobs"  # (N, W) float16, -inf on padding
+TARGET_COUNTS = "target_counts"      # (N, W) draws per entry, drawn kinds only (0 on head and padding)
+TARGET_HEAD = "target_head"          # int: how many leading columns are the exact top-k head
+TARGET_KEYS = (TARGET_IDS, TARGET_LOGPROBS, TARGET_COUNTS, TARGET_HEAD)
+
+
 def smallest_uint(max_value: int) -> pa.DataType:
     """Smallest unsigned Arrow integer type holding 0..max_value."""
     if max_value < 0:
@@ -90,7 +100,7 @@ class TargetKind:
 
     The train side: `decode(table)` returns an object whose `take(targets)` gathers the flat parts
     of some targets, and `batch(parts)` turns gathered parts into the batch's target tensors
-    (topk_ids / topk_logprobs and, for drawn targets, target_counts / target_head);
+    (target_ids / target_logprobs and, for drawn targets, target_counts / target_head);
     `weights` turns those into per-id loss weights.
     """
     name: str = ""
@@ -144,7 +154,7 @@ class TargetKind:
         raise NotImplementedError
 
     def weights(self, logprobs, counts, head: int, temperature: float):
-        """(w, log_p) per stored id from a batch's topk_logprobs (N, W) / target_counts / target_head:
+        """(w, log_p) per stored id from a batch's target_logprobs (N, W) / target_counts / target_head:
         w sums to 1 per target (0 on padding); log_p is what the KL is measured against."""
         raise NotImplementedError
 

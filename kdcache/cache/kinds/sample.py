@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 from ...errors import KdcacheError
 from . import topk
-from .base import TargetKind, check_logprobs, concat, element_index, flat, list_array, ragged, smallest_uint
+from .base import (TARGET_COUNTS, TARGET_HEAD, TARGET_IDS, TARGET_LOGPROBS, TargetKind, check_logprobs, concat, element_index, flat, list_array,
+                   ragged, smallest_uint)
 
 NAME = "sample"
 SAMPLE_LENGTHS = "sample_lengths"
@@ -163,8 +164,8 @@ class _Decoded:
     def take(self, targets: np.ndarray) -> dict:
         parts = {}
         if self.head is not None:
-            parts["topk_ids"] = self.head[0][targets].astype(np.int32)
-            parts["topk_logprobs"] = self.head[1][targets]
+            parts["head_ids"] = self.head[0][targets].astype(np.int32)
+            parts["head_logprobs"] = self.head[1][targets]
         entries, parts["sample_lengths"] = element_index(self.entry_offsets, targets)
         parts["sample_ids"] = self.ids[entries]
         parts["sample_logprobs"] = self.logprobs[entries]
@@ -216,11 +217,11 @@ class Sample(TargetKind):
 
     def batch(self, parts: dict) -> dict:
         """Head (top-k, if any) and drawn entries side by side in (N, head + widest draw) arrays:
-        topk_ids int32, topk_logprobs float16 (padding -inf, id 0), target_counts (draws per entry, 0
+        target_ids int32, target_logprobs float16 (padding -inf, id 0), target_counts (draws per entry, 0
         for head and padding) and target_head (how many leading columns are the exact head)."""
         import torch  # imported here: the schema (and so this module) loads without torch
         lengths = parts["sample_lengths"]
-        head = parts["topk_ids"].shape[1] if "topk_ids" in parts else 0
+        head = parts["head_ids"].shape[1] if "head_ids" in parts else 0
         n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
         real = np.arange(width)[None, :] < lengths[:, None]
         ids = np.zeros((n, head + width), np.int32)
@@ -228,13 +229,13 @@ class Sample(TargetKind):
         count_dtype = np.int16 if parts["sample_counts"].dtype.itemsize == 1 else np.int32
         counts = np.zeros((n, head + width), count_dtype)
         if head:
-            ids[:, :head] = parts["topk_ids"]
-            logprobs[:, :head] = parts["topk_logprobs"]
+            ids[:, :head] = parts["head_ids"]
+            logprobs[:, :head] = parts["head_logprobs"]
         ids[:, head:][real] = parts["sample_ids"]
         logprobs[:, head:][real] = parts["sample_logprobs"]
         counts[:, head:][real] = parts["sample_counts"]
-        return {"topk_ids": torch.from_numpy(ids), "topk_logprobs": torch.from_numpy(logprobs),
-                "target_counts": torch.from_numpy(counts), "target_head": head}
+        return {TARGET_IDS: torch.from_numpy(ids), TARGET_LOGPROBS: torch.from_numpy(logprobs),
+                TARGET_COUNTS: torch.from_numpy(counts), TARGET_HEAD: head}
 
     def weights(self, logprobs, counts, head: int, temperature: float):
         """w_j ∝ count_j · p_j^(1/T - 1) (T = 1: count_j / N); with a head of exact top-k entries,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .base import TargetKind, check_logprobs, concat, flat, offsets_array, ragged
+from .base import TARGET_IDS, TARGET_LOGPROBS, TargetKind, check_logprobs, concat, flat, offsets_array, ragged
 
 NAME = "top-k"
 TOPK_IDS = "topk_ids"
@@ -70,7 +70,7 @@ class _Decoded:
         self.ids, self.logprobs = decode_head(table)
 
     def take(self, targets: np.ndarray) -> dict:
-        return {"topk_ids": self.ids[targets].astype(np.int32), "topk_logprobs": self.logprobs[targets]}
+        return {"head_ids": self.ids[targets].astype(np.int32), "head_logprobs": self.logprobs[targets]}
 
 
 class TopK(TargetKind):
@@ -102,7 +102,7 @@ class TopK(TargetKind):
 
     def batch(self, parts: dict) -> dict:
         import torch  # imported here: the schema (and so this module) loads without torch
-        return {"topk_ids": torch.from_numpy(parts["topk_ids"]), "topk_logprobs": torch.from_numpy(parts["topk_logprobs"])}
+        return {TARGET_IDS: torch.from_numpy(parts["head_ids"]), TARGET_LOGPROBS: torch.from_numpy(parts["head_logprobs"])}
 
     def weights(self, logprobs, counts, head: int, temperature: float):
         """The renormalised top-k: w = softmax(logprobs / T); log_p = log w (0 where w = 0)."""
