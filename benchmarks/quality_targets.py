@@ -18,7 +18,9 @@ Needs a finished pipeline run: `make quickstart` (pipeline 1) or `python3 pipeli
 Target specs: `top-k:K`, `sample:N`, `top-k+sample:K:N`; `:counts` after a sampled spec (`sample:32:counts`)
 dumps it with --no-draw-logprobs (format v3: the same student at T = 1, fewer bytes); `@F` after any of them
 dumps with `--select-positions F` (e.g. `top-k+sample:8:16@0.2`; its bytes / position are then per corpus
-token). Caches and runs are kept in --workdir and
+token), and `/WEIGHTING` after that trains the selected cache with `train-student --selection-weighting WEIGHTING`
+(`top-k+sample:8:16@0.2/selected-only`; the cache is shared with the spec's other weightings). Caches and runs
+are kept in --workdir and
 reused, so an interrupted table resumes and a second call with more specs only adds rows.
 """
 from __future__ import annotations
@@ -45,9 +47,18 @@ class Targets:
     samples: int | None = None
     draw_logprobs: bool = True  # False: `:counts`, dumped with --no-draw-logprobs
     select: float | None = None  # --select-positions (token selection), None: every position
+    weighting: str | None = None  # train-student --selection-weighting (selected caches), None: its default
 
     @classmethod
     def parse(cls, spec: str) -> "Targets":
+        spec, _, weighting = spec.partition("/")
+        if weighting and "@" not in spec:
+            sys.exit(f"error: target spec {spec}/{weighting}: a weighting is for selected caches (@FRACTION)")
+        parsed = cls._parse(spec)
+        return parsed if not weighting else cls(**{**parsed.__dict__, "weighting": weighting})
+
+    @classmethod
+    def _parse(cls, spec: str) -> "Targets":
         spec, _, select = spec.partition("@")
         kind, _, rest = spec.partition(":")
         parts = [x for x in rest.split(":") if x]
@@ -77,10 +88,17 @@ class Targets:
         label = {"top-k": f"top-{self.k}", "sample": f"sample N={self.samples}",
                  "top-k+sample": f"top-{self.k} + sample N={self.samples}"}[self.kind] \
             + ("" if self.draw_logprobs else ", counts only")
-        return label if self.select is None else f"{label}, soft at {self.select * 100:g} % of positions"
+        if self.select is not None:
+            label += f", soft at {self.select * 100:g} % of positions"
+        return label if self.weighting is None else f"{label}, {self.weighting}"
 
     @property
     def slug(self) -> str:
+        """The run's name."""
+        return self.cache_slug if self.weighting is None else f"{self.cache_slug}-{self.weighting}"
+
+    @property
+    def cache_slug(self) -> str:
         slug = {"top-k": f"k{self.k}", "sample": f"s{self.samples}", "top-k+sample": f"k{self.k}s{self.samples}"}[self.kind] \
             + ("" if self.draw_logprobs else "c")
         return slug if self.select is None else f"{slug}-sel{self.select:g}"
@@ -183,11 +201,12 @@ def main():
             if spec == pipeline_targets and (run := pipeline_run(args.student, length)):
                 cache = train_cache
             else:
-                cache = train_cache if spec == pipeline_targets else args.workdir / f"cache-{spec.slug}"
+                cache = train_cache if spec == pipeline_targets else args.workdir / f"cache-{spec.cache_slug}"
                 if not complete(cache):
                     print(f"[quality] dumping {spec.label} to {cache}", file=sys.stderr, flush=True)
                     kdcache("dump-logits", *dump, *spec.dump_args(), "--out", cache)
-                run = train_run(spec.slug, length, cache)
+                run = train_run(spec.slug, length, cache,
+                                *(["--selection-weighting", spec.weighting] if spec.weighting else []))
             rows.append((f"cached {spec.label}", length_label, run, cache))
         if not args.no_baselines:
             run = pipeline_run(f"{args.student}-hard", length) or train_run("hard", length, train_cache, "--alpha", 0)

@@ -144,12 +144,12 @@ def _batch(n=12, v=30, width=5, seed=0):
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_loss_per_target_alpha(alpha):
-    """All selected: today's loss. An unselected target: its gradient is the CE-only gradient
+    """The per-position weighting. All selected: today's loss. An unselected target: its gradient is the CE-only gradient
     (F.cross_entropy, independently), a selected one's is today's."""
     batch = _batch()
     n, v = batch["labels"].shape[0], 30
     z0 = torch.randn(n, v, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    loss = DistillLoss(alpha=alpha)
+    loss = DistillLoss(alpha=alpha, selection="per-position")
 
     def run(b):
         z = z0.clone().requires_grad_(True)
@@ -185,7 +185,7 @@ def test_loss_per_target_alpha(alpha):
     assert torch.allclose(out.hard, today.hard)
     # The output layer in chunks of 5 targets (under checkpointing) gives the same loss and gradient.
     z = z0.clone().requires_grad_(True)
-    chunked = DistillLoss(alpha=alpha, chunk_elements=5 * v)(z, lambda h: h, padded)
+    chunked = DistillLoss(alpha=alpha, chunk_elements=5 * v, selection="per-position")(z, lambda h: h, padded)
     chunked.loss.backward()
     assert torch.allclose(chunked.loss, out.loss, rtol=1e-12) and torch.allclose(z.grad, g, rtol=1e-10, atol=1e-15)
 
@@ -202,13 +202,92 @@ def test_loss_per_target_alpha(alpha):
         topk = {"target_ids": padded["target_ids"][:, :2], "target_logprobs": padded["target_logprobs"][:, :2],
                 "labels": batch["labels"], "soft_mask": mask}
         z = z0.clone().requires_grad_(True)
-        DistillLoss(alpha=alpha, tail="bucket")(z, lambda h: h, topk).loss.backward()
+        DistillLoss(alpha=alpha, tail="bucket", selection="per-position")(z, lambda h: h, topk).loss.backward()
         assert torch.isfinite(z.grad).all()
         for i in np.flatnonzero(~mask.numpy()):
             if batch["labels"][i] >= 0:
                 ref = z0[i].clone().requires_grad_(True)
                 F.cross_entropy(ref[None], batch["labels"][i:i + 1]).backward()
                 assert torch.allclose(z.grad[i], ref.grad / labelled, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("weighting", ["kd-share", "per-position", "selected-only"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_selection_weightings_match_their_formulas(weighting, alpha):
+    """Each DistillLoss(selection=...) against its formula, computed independently: the KD of each
+    selected target from its own unselected row (sparse_kd_and_ce), the CE from F.cross_entropy; loss
+    and gradient. Every target selected: the loss without selection, for every weighting."""
+    from kdcache.train.losses import sparse_kd_and_ce
+    batch = _batch()
+    labels, n, v = batch["labels"], batch["labels"].shape[0], 30
+    z0 = torch.randn(n, v, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    loss = DistillLoss(alpha=alpha, selection=weighting)
+    plain = DistillLoss(alpha=alpha)(z0, lambda h: h, batch).loss
+    every = loss(z0, lambda h: h, {**batch, "soft_mask": torch.ones(n, dtype=torch.bool)}).loss
+    assert torch.allclose(every, plain, rtol=1e-12)
+
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[[0, 3, 5, 6, 9]] = False  # 3 is unlabelled
+    padded = dict(batch, soft_mask=mask)
+    for key, fill in (("target_ids", 0), ("target_logprobs", float("-inf")), ("target_counts", 0)):
+        padded[key] = torch.where(mask[:, None], batch[key], fill)
+    z = z0.clone().requires_grad_(True)
+    out = loss(z, lambda h: h, padded)
+    out.loss.backward()
+
+    zr = z0.clone().requires_grad_(True)
+    kd = torch.stack([sparse_kd_and_ce(zr[i:i + 1], labels[i:i + 1],
+                                       {k: x[i:i + 1] if torch.is_tensor(x) else x for k, x in batch.items()})[0]
+                      for i in torch.nonzero(mask).flatten().tolist()])
+    known = labels >= 0
+    ce = F.cross_entropy(zr, labels.clamp(min=0), reduction="none") * known
+    if weighting == "per-position":
+        expected = alpha * kd.sum() / n + ((1 - alpha) * ce[mask].sum() + ce[~mask].sum()) / known.sum()
+    elif weighting == "kd-share":
+        expected = alpha * kd.mean() + (1 - alpha) * ce.sum() / known.sum()
+    else:
+        expected = alpha * kd.mean() + (1 - alpha) * ce[mask].sum() / (known & mask).sum()
+    expected.backward()
+    assert torch.allclose(out.loss, expected, rtol=1e-10)
+    assert torch.allclose(z.grad, zr.grad, rtol=1e-8, atol=1e-14)
+    if weighting == "selected-only" or alpha == 1.0 and weighting == "kd-share":
+        assert (z.grad[~mask] == 0).all()  # an unselected target trains nothing
+    # Reported the same way for every weighting: KD over the selected, CE over every label.
+    assert torch.allclose(out.kd, kd.mean().detach()) and torch.allclose(out.hard, (ce.sum() / known.sum()).detach())
+    # The rest-bucket path (top-k heads) applies the same CE weights.
+    topk = {"target_ids": padded["target_ids"][:, :2], "target_logprobs": padded["target_logprobs"][:, :2],
+            "labels": labels, "soft_mask": mask}
+    zb = z0.clone().requires_grad_(True)
+    bucket = DistillLoss(alpha=alpha, tail="bucket", selection=weighting)(zb, lambda h: h, topk)
+    bucket.loss.backward()
+    assert torch.isfinite(bucket.loss) and torch.isfinite(zb.grad).all()
+    if weighting == "selected-only":
+        assert (zb.grad[~mask] == 0).all()
+    with pytest.raises(ValueError, match="selection must be one of"):
+        DistillLoss(selection="sometimes")
+
+
+def test_resume_keeps_the_selection_weighting(caches, tmp_path, capsys):
+    """The weighting is part of a run: resuming with another is refused in one line; a checkpoint from before
+    the option (no weighting recorded) was weighed per position and resumes as such."""
+    cache = caches["top-k+sample", True]
+    out = tmp_path / "run"
+    args = ["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2,
+            "--intermediate", 32, "--max-steps", 3, "--batch-size", 4, "--num-workers", 0, "--no-progress",
+            "--out", out]
+    code, _, err = run_cli(args + ["--selection-weighting", "selected-only", "--stop-after-steps", 1], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(args + ["--resume"], capsys)
+    assert code != 0 and "selection_weighting='selected-only'" in err and one_line_error(err), err
+    meta = next(out.glob("checkpoint*/**/meta.json"), None) or next(out.rglob("meta.json"))
+    saved = json.loads(meta.read_text())
+    del saved["identity"]["selection_weighting"]  # as written before the option existed
+    meta.write_text(json.dumps(saved))
+    code, _, err = run_cli(args + ["--resume", "--selection-weighting", "selected-only"], capsys)
+    assert code != 0 and "selection_weighting='per-position'" in err, err
+    code, _, err = run_cli(args + ["--resume", "--selection-weighting", "per-position"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 3
 
 
 def test_verify_inspect_train_evaluate(caches, tmp_path, capsys):

@@ -51,6 +51,12 @@ Examples:
 @click.option("--tail", default="renorm", show_default=True, type=click.Choice(["renorm", "bucket"]),
               help="Teacher mass outside the stored top-k: renormalise over k, or keep it as one 'rest' bucket "
                    "(top-k caches only: sampled caches estimate the tail without bias).")
+@click.option("--selection-weighting", default="kd-share", show_default=True,
+              type=click.Choice(["kd-share", "per-position", "selected-only"]),
+              help="A selected cache's loss (dump-logits --select-positions): kd-share = alpha * KD averaged over the "
+                   "selected positions + (1 - alpha) * CE averaged over all; per-position = alpha * KD + (1 - alpha) * CE "
+                   "where selected, CE alone elsewhere; selected-only = the selected positions' loss alone. Ignored "
+                   "on other caches. Held-out figures: benchmarks/quality.md.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the student's weights and the data order.")
 @click.option("--layers", type=click.IntRange(min=1), help="Override the student's number of layers.")
 @click.option("--hidden", type=click.IntRange(min=1), help="Override the student's hidden size.")

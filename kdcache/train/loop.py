@@ -29,7 +29,7 @@ from .. import distributed
 from . import checkpoint
 from .batches import TrainStream
 from .forward import target_logits
-from .losses import DEFAULT_CHUNK_ELEMENTS, DistillLoss, check_temperature
+from .losses import DEFAULT_CHUNK_ELEMENTS, SELECTION_WEIGHTINGS, DistillLoss, check_temperature
 from ..models import auto_class
 from .optim import adamw, lr_schedule
 from .step import StudentLoss  # noqa: F401  (re-exported: benchmarks import it from here)
@@ -44,7 +44,9 @@ METRICS = "metrics.jsonl"
 # Processes, loader workers, micro-batch size and accumulation may change as long as their global
 # batch does (the stream re-partitions the epoch's unread rows; see kdcache.cache.partition).
 RESUME_KEYS = ("cache_content", "student", "task", "global_batch", "seed", "temperature", "alpha", "tail",
-               "online_teacher", "total_steps", "shuffle_buffer")
+               "online_teacher", "total_steps", "shuffle_buffer", "selection_weighting")
+# What a checkpoint that predates a RESUME_KEYS entry was made with (selected caches were weighed per position).
+RESUME_DEFAULTS = {"selection_weighting": "per-position"}
 
 
 @dataclass
@@ -64,6 +66,7 @@ class TrainConfig:
     temperature: float = 1.0
     alpha: float = 0.5
     tail: str = "renorm"
+    selection_weighting: str = SELECTION_WEIGHTINGS[0]  # a selected cache's loss weighting (train.losses)
     seed: int = 0
     sizes: Sizes = field(default_factory=Sizes)
     init_from_teacher: bool = False
@@ -182,7 +185,8 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
     model.to(device)
     teacher = _load_teacher(Path(cfg.online_teacher), task, cache, device) if cfg.online_teacher else None
 
-    loss_fn = DistillLoss(cfg.temperature, cfg.alpha, cfg.tail, cfg.chunk_elements)
+    loss_fn = DistillLoss(cfg.temperature, cfg.alpha, cfg.tail, cfg.chunk_elements, cfg.selection_weighting)
+    selected = cache.view.select_positions is not None
     # Soft targets are decoded only when the KD term uses them from the cache.
     batches = TrainStream(cache, batch_size=cfg.batch_size, seed=cfg.seed, grad_accum=cfg.grad_accum,
                           rank=dist.rank, world_size=dist.world_size, num_workers=cfg.num_workers,
@@ -201,6 +205,9 @@ def _train(cfg: TrainConfig, dist, cache, task: str, plan, out: Path) -> dict:
                 "student": plan.spec, "task": task,
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                 "temperature": cfg.temperature, "alpha": cfg.alpha, "tail": cfg.tail,
+                # Only where it changes the loss: a selected cache's soft targets in use.
+                "selection_weighting": cfg.selection_weighting if selected and loss_fn.uses_soft_targets
+                and not cfg.online_teacher else None,
                 "online_teacher": str(cfg.online_teacher) if cfg.online_teacher else None,
                 "total_steps": total_steps, "world_size": dist.world_size, "num_workers": cfg.num_workers,
                 "global_batch": batches.geometry.global_batch, "shuffle_buffer": batches.dataset.shuffle_buffer}
@@ -303,7 +310,8 @@ def _restore(ckpt: Path, cfg: TrainConfig, dist, out: Path, identity: dict, mode
     device = dist.device
     meta = checkpoint.read_meta(ckpt)
     keys = RESUME_KEYS if "cache_content" in meta["identity"] else ("cache", *RESUME_KEYS[1:])  # older checkpoints
-    diffs = [k for k in keys if meta["identity"].get(k) != identity.get(k)]
+    saved = {**{k: v for k, v in RESUME_DEFAULTS.items() if identity.get(k) is not None}, **meta["identity"]}
+    diffs = [k for k in keys if saved.get(k) != identity.get(k)]
     if diffs and diffs[0] == "cache_content":
         raise KdcacheError(
             f"cannot resume {out}: --cache {cfg.cache} does not hold the cache its checkpoint was trained on "
@@ -317,7 +325,7 @@ def _restore(ckpt: Path, cfg: TrainConfig, dist, out: Path, identity: dict, mode
             "--grad-accum to match")
     if diffs:
         k = diffs[0]
-        raise KdcacheError(f"cannot resume {out}: its checkpoint was made with {k}={meta['identity'].get(k)!r}, "
+        raise KdcacheError(f"cannot resume {out}: its checkpoint was made with {k}={saved.get(k)!r}, "
                            f"this run has {identity.get(k)!r}; rerun with the original options or use another --out")
     resized = meta["identity"].get("world_size") != dist.world_size
     # After a resize a rank may have no file of its own: it takes rank 0's metrics window.

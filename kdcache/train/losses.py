@@ -18,10 +18,16 @@ own weight (log w_j), so at T = 1 the weights and gradient are the same bit for 
 term is KL(w || student), from the empirical distribution; T != 1 is refused (check_temperature).
 
 Token selection (format v3, `dump-logits --select-positions`): a batch from a selected cache has
-`soft_mask` (N,), True where the target has soft targets. Per target alpha_i = alpha where selected, 0
-elsewhere: a selected target adds alpha·KD + (1 - alpha)·CE as above, an unselected one its CE alone,
-at the target's full weight; averaged over targets as without selection (KD sums over N, CE over the
-labelled ones). Without `soft_mask` the loss is exactly (bit for bit) the one above.
+`soft_mask` (N,), True where the target has soft targets. How its positions are weighed
+(`DistillLoss.selection`; benchmarks/quality.md compares them on held-out text):
+  "kd-share"      alpha · mean over selected targets of KD + (1 - alpha) · mean over labelled targets of CE:
+                  the KD term keeps the share of the loss it has without selection;
+  "per-position"  per target alpha_i = alpha where selected, 0 elsewhere: a selected target adds
+                  alpha·KD + (1 - alpha)·CE, an unselected one its CE alone at full weight, averaged over
+                  targets as without selection (KD sums over N, CE over the labelled ones);
+  "selected-only" the loss of the selected targets alone (unselected ones add nothing; SE-KD's rule).
+All three equal the loss above when every target is selected. Without `soft_mask` the loss is exactly
+(bit for bit) the one above.
 
 The output layer runs per chunk of targets under activation checkpointing, so at most one
 chunk's (targets x vocab) logits exist at a time, in the forward and in the backward pass.
@@ -42,6 +48,8 @@ from ..cache.schema import SAMPLE as _SAMPLE, TOP_K as _TOP_K
 TOPK, SAMPLE = kind_of(_TOP_K), kind_of(_SAMPLE)  # whose weights batches with and without draw counts use
 
 TAILS = ("renorm", "bucket")
+# How a selected cache's loss weighs its positions (module docstring), the default first.
+SELECTION_WEIGHTINGS = ("kd-share", "per-position", "selected-only")
 # Logit elements per chunk (targets x vocab): 16M fp32 = 64 MiB per chunk.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -195,15 +203,21 @@ def _soft_weights(soft: dict, dtype, temperature: float) -> tuple[torch.Tensor, 
     return w, log_w
 
 
+def unselected_ce_weight(alpha: float, weighting: str) -> float:
+    """The CE weight of a target without soft targets in a selected cache (a selected one's is 1 - alpha)."""
+    return {"kd-share": 1 - alpha, "per-position": 1.0, "selected-only": 0.0}[weighting]
+
+
 def selected_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict, soft_mask: torch.Tensor,
-                       alpha: float, temperature: float = 1.0) -> torch.Tensor:
+                       alpha: float, temperature: float = 1.0, weighting: str = "per-position") -> torch.Tensor:
     """[KD sum, weighted CE sum, CE sum] for a selected cache's targets (soft_mask (N,) bool: which have
     soft targets), fused in one pass like sparse_kd_and_ce. The weighted CE counts a selected target's
-    CE (1 - alpha) times and an unselected one's once: alpha·KD/N + weighted CE/labelled is the loss."""
+    CE (1 - alpha) times and an unselected one's unselected_ce_weight times (DistillLoss divides the sums)."""
     known = labels >= 0
     labels_at = labels.clamp(min=0).unsqueeze(-1)
     w, log_w = _soft_weights({**soft, "soft_mask": soft_mask}, logits.dtype, temperature)
-    label_weights = (known & soft_mask).to(logits.dtype) * (1 - alpha) + (known & ~soft_mask).to(logits.dtype)
+    label_weights = ((known & soft_mask).to(logits.dtype) * (1 - alpha)
+                     + (known & ~soft_mask).to(logits.dtype) * unselected_ce_weight(alpha, weighting))
     kd, hard, ce = _SparseTargetCE.apply(logits, soft["target_ids"].long(), w, log_w, labels_at,
                                          label_weights.unsqueeze(-1), float(temperature))
     return torch.stack([kd, hard, (ce.squeeze(-1) * known.to(ce.dtype)).sum()])
@@ -282,10 +296,13 @@ class DistillLoss:
     alpha: float = 0.5
     tail: str = "renorm"
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    selection: str = SELECTION_WEIGHTINGS[0]  # a selected cache's weighting (module docstring)
 
     def __post_init__(self):
         if self.tail not in TAILS:
             raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+        if self.selection not in SELECTION_WEIGHTINGS:
+            raise ValueError(f"selection must be one of {SELECTION_WEIGHTINGS}, got {self.selection!r}")
 
     @property
     def uses_soft_targets(self) -> bool:
@@ -316,14 +333,14 @@ class DistillLoss:
     def _selected_sums(self, logits: torch.Tensor, part: dict) -> torch.Tensor:
         labels, mask = part["labels"], part["soft_mask"]
         if self.tail == "renorm":
-            return selected_kd_and_ce(logits, labels, part, mask, self.alpha, self.temperature)
+            return selected_kd_and_ce(logits, labels, part, mask, self.alpha, self.temperature, self.selection)
         # The rest bucket (top-k targets): plain autograd on the selected rows only.
         log_q1 = logits.log_softmax(-1)
         log_q = log_q1 if self.temperature == 1 else (logits / self.temperature).log_softmax(-1)
         kd = cached_kd_per_target(log_q[mask], part["target_ids"][mask], part["target_logprobs"][mask],
                                   self.temperature, self.tail).sum()
         ce = F.nll_loss(log_q1, labels, ignore_index=-1, reduction="none")
-        hard = (ce * torch.where(mask, 1 - self.alpha, 1.0)).sum()
+        hard = (ce * torch.where(mask, 1 - self.alpha, unselected_ce_weight(self.alpha, self.selection))).sum()
         return torch.stack([kd, hard, ce.sum()])
 
     def __call__(self, hidden: torch.Tensor, head, batch: dict, teacher_logits: torch.Tensor | None = None) -> LossOutput:
@@ -346,11 +363,17 @@ class DistillLoss:
             part["target_ids"] = part["target_ids"].long()  # batches carry int32 ids; gather/scatter index with int64
         sums = chunked(hidden, head, self._sums, part, self.chunk_elements)
         n, num_labelled = labels.shape[0], int((labels >= 0).sum())
-        if part.get("soft_mask") is not None:  # a selected cache: per-target alpha (module docstring)
-            kd = sums[0] / max(n, 1)
-            loss = self.alpha * kd + sums[1] / max(num_labelled, 1)
+        mask = part.get("soft_mask")
+        if mask is not None:  # a selected cache: weighed as self.selection says (module docstring)
+            num_selected = max(int(mask.sum()), 1)
             # Reported: KD averaged where soft targets exist, CE over every labelled target.
-            kd_mean = sums[0] / max(int(part["soft_mask"].sum()), 1)
+            kd_mean = sums[0] / num_selected
+            if self.selection == "per-position":
+                loss = self.alpha * sums[0] / max(n, 1) + sums[1] / max(num_labelled, 1)
+            elif self.selection == "kd-share":
+                loss = self.alpha * kd_mean + sums[1] / max(num_labelled, 1)
+            else:  # selected-only: the weighted CE sums over the selected labelled targets only
+                loss = self.alpha * kd_mean + sums[1] / max(int(((labels >= 0) & mask).sum()), 1)
             return LossOutput(loss, kd_mean.detach(), (sums[2] / max(num_labelled, 1)).detach(), n, num_labelled)
         kd = sums[0] / max(n, 1)
         hard = sums[1] / max(num_labelled, 1)
