@@ -18,7 +18,7 @@ Arrow `take` on nested lists), done in the DataLoader workers. A batch holds:
   Selected caches (format v3, `dump-logits --select-positions`) add
   soft_mask (N,) bool                         True where the target has soft targets; the kind's tensors
                                               still have N rows, an unselected one all padding (the loss
-                                              trains it on its label alone)
+                                              trains it on its label alone; DistillLoss.selection)
   example_id (B,) int64, num_rows, num_tokens (real, unpadded tokens)
 
 The soft targets stay narrow (int32 ids: torch has no uint16 gather; fp16 log-probs as cached)

@@ -179,7 +179,7 @@ def sparse_kd_and_ce(logits: torch.Tensor, labels: torch.Tensor, soft: dict | No
     soft: the batch's cached targets for these rows ({"target_ids", "target_logprobs"} and, for the
     sampled kinds, "target_counts" and "target_head"), or None for the CE alone (KD sum 0). From a
     selected cache, include its "soft_mask": the KD sum is then over the selected targets (and the CE over
-    all, unweighted; DistillLoss's per-target alpha is selected_kd_and_ce).
+    all, unweighted; DistillLoss's weightings of a selected cache are selected_kd_and_ce).
     Every target kind works (see `sparse_target_weights`). labels: (N,), -1 = unknown.
     """
     known = (labels >= 0).unsqueeze(-1).to(logits.dtype)
