@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 
 from ...errors import KdcacheError
 from . import topk
-from .base import (TARGET_COUNTS, TARGET_HEAD, TARGET_IDS, TARGET_LOGPROBS, TargetKind, check_logprobs, concat, element_index, flat, list_array,
-                   ragged, smallest_uint)
+from .base import (TARGET_COUNTS, TARGET_HEAD, TARGET_IDS, TARGET_LOGPROBS, TargetKind, check_logprobs, concat,
+                   element_index, flat, list_array, ragged, smallest_uint)
 
 NAME = "sample"
 SAMPLE_LENGTHS = "sample_lengths"
