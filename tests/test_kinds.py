@@ -255,3 +255,34 @@ def test_repeated_sampled_ids_are_found_as_a_per_position_scan_finds_them(wide):
         spans = np.split(ids, np.cumsum(entries)[:-1]) if len(entries) else []
         want = any(len(set(s.tolist())) < len(s) for s in spans)
         assert _repeats_an_id(entries.astype(np.int64), ids, VOCAB * 200) == want
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_read_time_repeat_check_against_brute_force(wide):
+    """The one-sort check of distinct draws and draws outside the head (both layouts it picks between)
+    against a per-position Python set, on random rows with and without planted repeats."""
+    from kdcache.cache.kinds.sample import _repeats_an_id
+    rng = np.random.default_rng(3)
+    size, k = 50, 3
+    for trial in range(60):
+        positions = 400 if wide else 40
+        entries = rng.integers(0, 6, positions)
+        if wide:  # one very wide position among many: the sorted-keys layout
+            entries[0] = 45
+            assert 45 * positions > 4 * entries.sum() + 4096
+        head = np.stack([rng.choice(size, k, replace=False) for _ in range(positions)])
+        ids = np.concatenate([rng.choice(np.setdiff1d(np.arange(size), h), n, replace=False)
+                              for h, n in zip(head, entries)]).astype(np.int64)
+        plant = trial % 3  # 0: clean, 1: a draw repeated, 2: a draw equal to a head id
+        j = int(np.flatnonzero(entries >= 2)[trial % len(np.flatnonzero(entries >= 2))])
+        start = int(entries[:j].sum())
+        if plant == 1:
+            ids[start + 1] = ids[start]
+        elif plant == 2:
+            ids[start] = head[j, trial % k]
+        pieces = np.split(ids, np.cumsum(entries)[:-1])
+        draws_repeat = any(len(set(p.tolist())) < len(p) for p in pieces)
+        any_repeat = draws_repeat or any(set(p.tolist()) & set(h.tolist()) for p, h in zip(pieces, head))
+        assert _repeats_an_id(entries, ids, size) == draws_repeat
+        assert _repeats_an_id(entries, ids, size, head) == any_repeat
+        assert any_repeat == (plant != 0)
