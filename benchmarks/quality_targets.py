@@ -26,6 +26,7 @@ reused, so an interrupted table resumes and a second call with more specs only a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,8 +55,7 @@ class Targets:
         spec, _, weighting = spec.partition("/")
         if weighting and "@" not in spec:
             sys.exit(f"error: target spec {spec}/{weighting}: a weighting is for selected caches (@FRACTION)")
-        parsed = cls._parse(spec)
-        return parsed if not weighting else cls(**{**parsed.__dict__, "weighting": weighting})
+        return dataclasses.replace(cls._parse(spec), weighting=weighting or None)
 
     @classmethod
     def _parse(cls, spec: str) -> "Targets":

@@ -270,6 +270,7 @@ def test_selection_weightings_match_their_formulas(weighting, alpha):
 def test_resume_keeps_the_selection_weighting(caches, tmp_path, capsys):
     """The weighting is part of a run: resuming with another is refused in one line; a checkpoint from before
     the option (no weighting recorded) was weighed per position and resumes as such."""
+    from kdcache.train.checkpoint import find_checkpoint
     cache = caches["top-k+sample", True]
     out = tmp_path / "run"
     args = ["train-student", "--cache", cache, "--student", "L2-H128", "--layers", 1, "--hidden", 16, "--heads", 2,
@@ -279,7 +280,7 @@ def test_resume_keeps_the_selection_weighting(caches, tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_cli(args + ["--resume"], capsys)
     assert code != 0 and "selection_weighting='selected-only'" in err and one_line_error(err), err
-    meta = next(out.glob("checkpoint*/**/meta.json"), None) or next(out.rglob("meta.json"))
+    meta = find_checkpoint(out) / "meta.json"
     saved = json.loads(meta.read_text())
     del saved["identity"]["selection_weighting"]  # as written before the option existed
     meta.write_text(json.dumps(saved))
